@@ -1,0 +1,28 @@
+# petfm: `make demo` runs the main job on the built-in synthetic cohort, `make test` runs the tests.
+# Both create .venv and install everything on first use; only Python 3.11+ is needed.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+DEMO   ?= demo_out
+export PYTHONUNBUFFERED := 1
+
+.PHONY: demo test venv clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "petfm needs Python 3.11 or newer")'
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	touch $@
+
+demo: $(VENV)/.installed
+	$(PY) -m data_prep.synthetic --out $(DEMO)/nifti --n 40 --seed 0
+	$(PY) -m data_prep.convert --input $(DEMO)/nifti --output $(DEMO)/records
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) $(DEMO) .pytest_cache

@@ -1,0 +1,109 @@
+"""ml-collections configs: `file.py:ARG` specs, dotted overrides, locked configs, validation helpers.
+
+Config files live in `experiments/` and define `get_config(arg: str | None) -> ConfigDict` (big_vision style).
+`ARG` is a variant optionally followed by comma-separated settings, e.g. `tiny,method=mae,view=axial`;
+`parse_arg` turns it into typed fields. On the command line every leaf can be overridden with
+`--config.FIELD=VALUE`; the config is locked, so a typo'd field is an error, not a silent new field.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import ml_collections
+from absl import flags
+from ml_collections import config_flags
+
+from petfm.errors import UserError
+
+
+def parse_arg(arg: str | None, **spec: Any) -> ml_collections.ConfigDict:
+  """Parses `"tiny,method=mae,view=axial"` against `spec` (name -> default; the type follows the default).
+
+  A bare token is the value of the first spec key (the variant). Booleans parse strictly (`True`/`False`).
+  Unknown keys and malformed values raise `UserError` naming the setting.
+  """
+  names = list(spec)
+  out = ml_collections.ConfigDict(dict(spec))
+  for position, token in enumerate(t.strip() for t in (arg or "").split(",") if t.strip()):
+    if "=" in token:
+      key, value = (s.strip() for s in token.split("=", 1))
+    elif position == 0 and names:
+      key, value = names[0], token
+    else:
+      raise UserError(f"config arg {arg!r}: {token!r} is not of the form key=value")
+    if key not in spec:
+      raise UserError(f"config arg {arg!r}: unknown setting {key!r}; known: {', '.join(names)}")
+    out[key] = _coerce(key, value, spec[key])
+  return out
+
+
+def _coerce(key: str, value: str, default: Any) -> Any:
+  if isinstance(default, bool):
+    if value not in ("True", "False", "true", "false"):
+      raise UserError(f"config arg: {key}={value!r} must be True or False")
+    return value in ("True", "true")
+  try:
+    return type(default)(value) if default is not None else value
+  except ValueError:
+    raise UserError(f"config arg: {key}={value!r} is not a valid {type(default).__name__}") from None
+
+
+def parse_command_line(
+    argv: Sequence[str], prog: str, define_flags: Callable[[flags.FlagValues], None] | None = None
+) -> flags.FlagValues:
+  """Parses `--config FILE.py:ARG [--config.FIELD=VALUE ...]` plus the flags added by `define_flags`.
+
+  Returns the parsed `FlagValues` (`.config` holds the locked ConfigDict). Bad flags, unknown config fields
+  and unparsable values raise `UserError`. `--help` prints the flags and raises SystemExit(0).
+  """
+  argv = [prog, *argv]
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file(
+      "config", None, "experiment config, FILE.py:ARG", flag_values=fv, lock_config=True, sys_argv=argv)
+  if define_flags:
+    define_flags(fv)
+  if any(a in ("-h", "--help") for a in argv[1:]):
+    print(f"usage: petfm {prog} --config FILE.py:ARG [--config.FIELD=VALUE ...] [flags]\n")
+    print(fv.main_module_help() or fv)
+    raise SystemExit(0)
+  path = _config_path(argv)
+  if path and not os.path.exists(path):
+    raise UserError(f"--config: file {path!r} does not exist")
+  try:
+    rest = fv(argv)
+  except (flags.Error, AttributeError, KeyError, ValueError, TypeError) as e:
+    message = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
+    message = " ".join(message.replace("\\n", " ").replace("\\'", "'").split()).strip("'\" ")
+    if isinstance(e, AttributeError):
+      message = "unknown config field '" + message.replace("' ", "'. ", 1)
+    raise UserError(f"command line: {message}") from None
+  if len(rest) > 1:
+    raise UserError(f"unexpected arguments: {' '.join(rest[1:])}")
+  if fv.config is None:
+    raise UserError("--config FILE.py:ARG is required")
+  return fv
+
+
+def _config_path(argv: Sequence[str]) -> str | None:
+  for i, a in enumerate(argv):
+    if a in ("--config", "-config") and i + 1 < len(argv):
+      return argv[i + 1].split(":", 1)[0]
+    if a.startswith(("--config=", "-config=")):
+      return a.split("=", 1)[1].split(":", 1)[0]
+  return None
+
+
+def check(condition: bool, field: str, message: str) -> None:
+  """Config validation: raises `UserError('config.FIELD=...: message')` when `condition` is false."""
+  if not condition:
+    raise UserError(f"config.{field}: {message}")
+
+
+def check_choice(config: ml_collections.ConfigDict, field: str, choices: Sequence[Any]) -> None:
+  value = config
+  for part in field.split("."):
+    value = value[part]
+  check(value in choices, field, f"{value!r} is not one of {list(choices)}")

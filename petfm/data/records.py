@@ -1,0 +1,117 @@
+"""The on-disk study record: one ArrayRecord record per study, plus a JSON manifest per dataset folder.
+
+A record is an uncompressed `.npz` archive (numpy's own format, no pickle) holding the fields below; the
+ArrayRecord writer compresses each record with zstd. All volumes share one canonical grid: RAS+ axes
+(array axis 0 increases towards the patient's Right, axis 1 towards Anterior, axis 2 towards Superior), the
+orientation `nibabel.as_closest_canonical` produces, resampled to the configured spacing.
+
+| field            | dtype / shape     | meaning                                                            |
+|------------------|-------------------|--------------------------------------------------------------------|
+| study_id         | str               | unique study name                                                  |
+| patient_id       | str               | patient (splits are by patient)                                    |
+| split            | str               | train / val / test                                                 |
+| ct               | int16 (X, Y, Z)   | CT in HU on the PET grid, canonical orientation, target spacing    |
+| suv              | float32 (X, Y, Z) | PET in SUV (body weight)                                           |
+| label            | uint8 (X, Y, Z)   | semantic label (autoPET: 1 = lesion; HECKTOR: 1 GTVp, 2 GTVn)      |
+| lesions          | uint16 (X, Y, Z)  | connected components of label > 0, numbered 1..K                   |
+| organs           | uint8 (X, Y, Z)   | organ label map (0 = none; all zeros when the study has none)      |
+| targets          | int32 (T, 6)      | rows [kind, id, voxels, cx, cy, cz]; kind 0 = organ id, 1 = lesion component |
+| spacing          | float64 (3,)      | voxel size in mm of the stored grid                                |
+| affine           | float64 (4, 4)    | voxel → world (mm, RAS+) of the stored grid                        |
+| original_affine  | float64 (4, 4)    | affine of the reference (PET) image as read from disk              |
+| original_shape   | int64 (3,)        | its shape                                                          |
+| tracer           | str               | FDG, PSMA or unknown                                               |
+| age              | float64 ()        | years, NaN when unknown                                            |
+| sex              | str               | M, F or unknown                                                    |
+| diagnosis        | str               | free text, '' when unknown                                         |
+| stage            | int64 ()          | Ann Arbor 1..4, 0 when unknown                                     |
+| text             | str               | metadata prompt used by ContextAlign                               |
+| text_embedding   | float32 (E,)      | frozen text-encoder embedding of `text` (E = 0 when none was computed) |
+| source           | str               | input layout: autopet, nnunet, hecktor                             |
+
+`decode` returns a dict with numpy arrays for array fields and Python scalars/str for the others.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+ARRAY_FIELDS = {
+    "ct": np.int16, "suv": np.float32, "label": np.uint8, "lesions": np.uint16, "organs": np.uint8,
+    "targets": np.int32, "spacing": np.float64, "affine": np.float64, "original_affine": np.float64,
+    "original_shape": np.int64, "text_embedding": np.float32,
+}
+STR_FIELDS = ("study_id", "patient_id", "split", "tracer", "sex", "diagnosis", "text", "source")
+SCALAR_FIELDS = {"age": float, "stage": int}
+VOLUME_FIELDS = ("ct", "suv", "label", "lesions", "organs")
+TARGET_ORGAN, TARGET_LESION = 0, 1
+TRACERS = ("FDG", "PSMA", "unknown")
+
+
+def encode(record: Mapping[str, Any]) -> bytes:
+  """Serialises a study record (see the module docstring) to bytes; checks fields, dtypes and shapes."""
+  missing = set(ARRAY_FIELDS) | set(STR_FIELDS) | set(SCALAR_FIELDS)
+  missing -= set(record)
+  if missing:
+    raise ValueError(f"record {record.get('study_id', '?')}: missing fields {sorted(missing)}")
+  arrays = {k: np.asarray(record[k], dtype=dt) for k, dt in ARRAY_FIELDS.items()}
+  shape = arrays["ct"].shape
+  for k in VOLUME_FIELDS:
+    if arrays[k].shape != shape or arrays[k].ndim != 3:
+      raise ValueError(f"record {record['study_id']}: {k} has shape {arrays[k].shape}, expected {shape} (3-D)")
+  for k in STR_FIELDS:
+    arrays[k] = np.asarray(str(record[k]))
+  for k, kind in SCALAR_FIELDS.items():
+    arrays[k] = np.asarray(kind(record[k]))
+  buf = io.BytesIO()
+  np.savez(buf, **arrays)
+  return buf.getvalue()
+
+
+def decode(data: bytes) -> dict[str, Any]:
+  """Inverse of `encode`."""
+  with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+    out: dict[str, Any] = {k: npz[k] for k in ARRAY_FIELDS}
+    out.update({k: str(npz[k]) for k in STR_FIELDS})
+    out.update({k: kind(npz[k]) for k, kind in SCALAR_FIELDS.items()})
+  return out
+
+
+def write_atomic(path: str, data: bytes | str) -> None:
+  """Writes `data` to `path` so that readers never see a partial file (temp file + fsync + rename)."""
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-" + os.path.basename(path) + "-")
+  try:
+    with os.fdopen(fd, "wb") as f:
+      f.write(data.encode() if isinstance(data, str) else data)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def read_manifest(data_dir: str) -> dict[str, Any]:
+  """Reads `DATA_DIR/manifest.json`; raises `UserError` when the folder holds no converted dataset."""
+  from petfm.errors import UserError
+  path = os.path.join(data_dir, MANIFEST)
+  if not os.path.exists(path):
+    raise UserError(f"{data_dir}: no {MANIFEST}; convert NIfTI studies first with `petfm prepare`")
+  with open(path) as f:
+    manifest = json.load(f)
+  if manifest.get("format") != "petfm-records" or manifest.get("version") != FORMAT_VERSION:
+    raise UserError(f"{path}: not a petfm records manifest of version {FORMAT_VERSION}")
+  return manifest

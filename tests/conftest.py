@@ -1,0 +1,17 @@
+"""Test set-up: 8 fake CPU devices (sharding tests) and shared tiny data fixtures.
+
+XLA_FLAGS must be set before jax is first imported, so this file sets it at import time.
+"""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pathlib
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+TOTALSEG_DIR = REPO.parent / "shared" / "data" / "totalseg"
+GOLDEN_DIR = REPO / "tests" / "golden"
