@@ -1,0 +1,328 @@
+"""What every petfm trainer shares: mesh, shardings, optimizer, checkpoints, metrics, FLOPs and MFU.
+
+The trainers (`pretrain.py`, `finetune.py`, `seganypet.py`) read top to bottom in big_vision's order
+(mesh → data → init → shardings → step → checkpoint → loop) and call these helpers for each stage.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from petfm.config import check
+from petfm.errors import UserError
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")  # the batch is split over both; params are split over fsdp (ZeRO-3 style)
+
+# Dense bf16 peak FLOP/s per chip (vendor figures). Matching is by substring of `device.device_kind`, most
+# specific first. On CPU the peak is measured (`measure_matmul_peak`).
+PEAK_BF16_FLOPS = (
+    ("TPU v6", 918e12), ("TPU v5 lite", 197e12), ("TPU v5e", 197e12), ("TPU v5p", 459e12), ("TPU v5", 459e12),
+    ("TPU v4", 275e12), ("H200", 989e12), ("H100", 989e12), ("A100", 312e12),
+)
+
+
+# ---------------------------------------------------------------------------------------------- distributed
+
+
+def initialize_distributed(config: ml_collections.ConfigDict) -> None:
+  """Multi-host start-up: `jax.distributed.initialize()` when `config.distributed` is set.
+
+  On Cloud TPU and SLURM/Open MPI clusters the coordinator and process ids are auto-detected; elsewhere set
+  `JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES` and `JAX_PROCESS_ID` (read by jax itself).
+  """
+  if config.get("distributed", False):
+    jax.distributed.initialize()
+
+
+# --------------------------------------------------------------------------------------------------- mesh
+
+
+def create_mesh(mesh_spec: Sequence[Sequence[Any]], devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """`[("data", -1), ("fsdp", 2), ("tensor", 1)]` → a Mesh over `devices` (default: all) with Auto axes.
+
+  At most one size may be -1 (all remaining devices). Axes are ordered by increasing communication intensity,
+  so `tensor` (the chattiest) lands on the fastest links.
+  """
+  names = tuple(name for name, _ in mesh_spec)
+  check(names == MESH_AXES, "mesh", f"axes must be {MESH_AXES} in this order, got {names}")
+  sizes = [int(size) for _, size in mesh_spec]
+  devices = list(devices) if devices is not None else jax.devices()
+  n = len(devices)
+  if sizes.count(-1) > 1:
+    raise UserError("config.mesh: at most one axis size may be -1")
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    check(n % known == 0, "mesh", f"{n} devices cannot be split into {dict(zip(names, sizes))}")
+    sizes[sizes.index(-1)] = n // known
+  check(math.prod(sizes) == n, "mesh", f"{dict(zip(names, sizes))} needs {math.prod(sizes)} devices, have {n}")
+  return jax.make_mesh(tuple(sizes), names, axis_types=(AxisType.Auto,) * len(names), devices=devices)
+
+
+def rules_tuple(rules: Iterable[Sequence[Any]]) -> tuple[tuple[str, Any], ...]:
+  """Config rules (lists from ml-collections) → the tuple form flax expects."""
+  return tuple((name, tuple(axes) if isinstance(axes, (list, tuple)) else axes) for name, axes in rules)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def shardings_for(abstract_tree: Any, mesh: Mesh, rules) -> Any:
+  """NamedShardings for a (boxed) abstract tree from `jax.eval_shape`: logical names → mesh axes by the rules.
+
+  Leaves without logical annotations (optimizer counters, RNG keys, step) are replicated.
+  """
+  specs = nn.get_partition_spec(abstract_tree)
+  return nn.logical_to_mesh_sharding(specs, mesh, rules_tuple(rules))
+
+
+def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """Process-local numpy batch → global jax.Arrays sharded over the batch axes (multi-host safe)."""
+  sharding = batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local_batch.items()}
+
+
+def check_batch_divisible(global_batch_size: int, mesh: Mesh, accum_steps: int = 1, field: str = "batch_size"):
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  check(global_batch_size % (shards * accum_steps) == 0, field,
+        f"{global_batch_size} is not divisible by data×fsdp = {shards} × accum_steps = {accum_steps}")
+  check(global_batch_size % jax.process_count() == 0, field,
+        f"{global_batch_size} is not divisible by the {jax.process_count()} processes")
+
+
+# ---------------------------------------------------------------------------------------------- optimizer
+
+
+def decay_mask(params: Any) -> Any:
+  """True for weight matrices/kernels; False for biases, norm scales, embeddings of positions and tokens.
+
+  Rule: a leaf decays when it has ≥ 2 dims and its name is not a position embedding or a learned token.
+  """
+  no_decay_names = ("pos_embed", "posemb", "cls_token", "mask_token", "token", "rel_pos", "logit_scale")
+
+  def decays(path, leaf) -> bool:
+    name = "/".join(str(getattr(k, "key", k)) for k in path)
+    return leaf.ndim >= 2 and not any(n in name for n in no_decay_names)
+
+  return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int) -> tuple[optax.GradientTransformation, Callable]:
+  """AdamW (no decay on bias/norm/position params) + linear warm-up and cosine decay + global-norm clipping.
+
+  Fields: lr, warmup_steps, min_lr_ratio, weight_decay, b1, b2, grad_clip (0 = off), and optionally
+  `frozen` / `lr_multipliers` handled by the caller through `optax.multi_transform`.
+  """
+  check(optim.lr > 0, "optim.lr", f"must be > 0, got {optim.lr}")
+  check(0 <= optim.warmup_steps <= total_steps, "optim.warmup_steps", f"must be in [0, total_steps={total_steps}]")
+  schedule = optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=optim.lr, warmup_steps=optim.warmup_steps,
+      decay_steps=max(total_steps, optim.warmup_steps + 1), end_value=optim.lr * optim.min_lr_ratio)
+  tx = optax.adamw(schedule, b1=optim.b1, b2=optim.b2, weight_decay=optim.weight_decay, mask=decay_mask)
+  if optim.grad_clip > 0:
+    tx = optax.chain(optax.clip_by_global_norm(optim.grad_clip), tx)
+  return tx, schedule
+
+
+def accumulate_gradients(loss_fn: Callable, params: Any, batch: Mapping[str, jax.Array], rng: jax.Array,
+                         accum_steps: int) -> tuple[Any, dict[str, jax.Array]]:
+  """Mean gradient and metrics of `loss_fn(params, micro_batch, rng) -> (loss, metrics)` over micro-batches.
+
+  The batch (B, …) is split into `accum_steps` micro-batches of B/accum_steps with a stride, so every device
+  keeps working on its own samples (no resharding), and scanned to bound activation memory.
+  """
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if accum_steps == 1:
+    (_, metrics), grads = grad_fn(params, batch, rng)
+    return grads, metrics
+
+  def split(x):
+    micro = x.reshape(x.shape[0] // accum_steps, accum_steps, *x.shape[1:])
+    return jnp.swapaxes(micro, 0, 1)
+
+  micro_batches = jax.tree.map(split, dict(batch))
+
+  def body(carry, inputs):
+    grads_sum, i = carry
+    (_, metrics), grads = grad_fn(params, inputs, jax.random.fold_in(rng, i))
+    return (jax.tree.map(jnp.add, grads_sum, grads), i + 1), metrics
+
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  (grads_sum, _), metrics = jax.lax.scan(body, (zeros, 0), micro_batches)
+  grads = jax.tree.map(lambda g: g / accum_steps, grads_sum)
+  return grads, jax.tree.map(jnp.mean, metrics)
+
+
+# ------------------------------------------------------------------------------------------- checkpoints
+
+
+class Checkpointer:
+  """Orbax CheckpointManager for `{state, data_iter}`: async saves every N steps, keep the last K, restore
+  onto any mesh (the abstract state carries the target shardings).
+
+  `state` is any pytree of jax.Arrays (params, optimizer state, step, RNG key data). The grain iterator state
+  is saved per process beside it, so resuming replays exactly the batches an uninterrupted run would see.
+  """
+
+  def __init__(self, directory: str, every_steps: int, keep: int, async_save: bool = True):
+    self.directory = os.path.abspath(directory)
+    options = ocp.CheckpointManagerOptions(
+        save_decision_policy=ocp.checkpoint_managers.FixedIntervalPolicy(every_steps),
+        preservation_policy=ocp.checkpoint_managers.LatestN(keep),
+        enable_async_checkpointing=async_save, create=True, cleanup_tmp_directories=True)
+    self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def should_save(self, step: int) -> bool:
+    return self.manager.should_save(step)
+
+  def save(self, step: int, state: Any, data_iter: Any | None = None, force: bool = False) -> bool:
+    items = {"state": ocp.args.StandardSave(state)}
+    if data_iter is not None:
+      import grain
+      items["data_iter"] = grain.checkpoint.CheckpointSave(data_iter)
+    return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+  def restore(self, step: int, abstract_state: Any, data_iter: Any | None = None) -> Any:
+    items = {"state": ocp.args.StandardRestore(abstract_state)}
+    if data_iter is not None:
+      import grain
+      items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
+    return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
+  """ShapeDtypeStructs carrying target shardings: what Orbax needs to restore onto a (different) mesh."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+
+
+class MetricsLogger:
+  """Terminal progress bar + TensorBoard event files + `metrics.jsonl`, written by process 0 only."""
+
+  def __init__(self, workdir: str, total_steps: int, start_step: int = 0, enabled: bool | None = None):
+    self.enabled = jax.process_index() == 0 if enabled is None else enabled
+    self.workdir = workdir
+    if not self.enabled:
+      return
+    from tensorboardX import SummaryWriter
+    from tqdm import tqdm
+    self.writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+    self.bar = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True, unit="step")
+
+  def write(self, step: int, metrics: Mapping[str, float], advance: int = 0) -> None:
+    if not self.enabled:
+      return
+    metrics = {k: float(v) for k, v in metrics.items()}
+    for k, v in metrics.items():
+      self.writer.add_scalar(k, v, step)
+    self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+    self.jsonl.flush()
+    shown = {k: v for k, v in metrics.items() if k in ("loss", "lr", "examples_per_s", "mfu")}
+    self.bar.set_postfix({k: f"{v:.3g}" for k, v in shown.items()}, refresh=False)
+    self.bar.update(advance)
+
+  def advance(self, steps: int = 1) -> None:
+    if self.enabled:
+      self.bar.update(steps)
+
+  def image(self, tag: str, png_path: str, step: int) -> None:
+    if self.enabled:
+      import matplotlib.image
+      self.writer.add_image(tag, matplotlib.image.imread(png_path)[..., :3], step, dataformats="HWC")
+
+  def message(self, text: str) -> None:
+    if self.enabled:
+      self.bar.write(text)
+
+  def close(self) -> None:
+    if self.enabled:
+      self.bar.close()
+      self.writer.close()
+      self.jsonl.close()
+
+
+def check_finite(metrics: Mapping[str, float], step: int, last_good_step: int | None) -> None:
+  """Stops training with one clear line when the loss is NaN/inf (the last good checkpoint is kept)."""
+  bad = [k for k, v in metrics.items() if not np.isfinite(v)]
+  if bad:
+    kept = f"the last good checkpoint is step {last_good_step}" if last_good_step is not None else "no checkpoint was written"
+    raise UserError(f"training diverged: {', '.join(bad)} became non-finite at step {step}; stopped; {kept} "
+                    "(try a lower config.optim.lr or config.optim.grad_clip)")
+
+
+# -------------------------------------------------------------------------------------------- FLOPs, MFU
+
+
+def compiled_flops_per_device(compiled: Any) -> float:
+  """FLOPs one device executes per call of a compiled jax function (XLA cost analysis).
+
+  For an SPMD-partitioned program the analysis describes one device's share, so the whole step costs this
+  times the number of devices of the mesh.
+  """
+  analysis = compiled.cost_analysis()
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0] if analysis else {}
+  return float((analysis or {}).get("flops", 0.0))
+
+
+_MEASURED_PEAK: dict[str, float] = {}
+
+
+def measure_matmul_peak(device: jax.Device | None = None, n: int = 2048, repeats: int = 5) -> float:
+  """FLOP/s of a large float32 matmul on `device` (median of `repeats`): the CPU "peak" for MFU."""
+  device = device or jax.devices()[0]
+  key = f"{device.platform}:{device.id}"
+  if key not in _MEASURED_PEAK:
+    a = jax.device_put(jnp.ones((n, n), jnp.float32), device)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    times = []
+    for _ in range(repeats):
+      t0 = time.perf_counter()
+      f(a).block_until_ready()
+      times.append(time.perf_counter() - t0)
+    _MEASURED_PEAK[key] = 2 * n**3 / float(np.median(times))
+  return _MEASURED_PEAK[key]
+
+
+def device_peak_flops(device: jax.Device | None = None) -> tuple[float, str]:
+  """(peak FLOP/s per device, where the figure comes from): bf16 table for accelerators, measured on CPU."""
+  device = device or jax.devices()[0]
+  if device.platform == "cpu":
+    return measure_matmul_peak(device), "measured float32 matmul"
+  for pattern, peak in PEAK_BF16_FLOPS:
+    if pattern.lower() in device.device_kind.lower():
+      return peak, f"{device.device_kind} bf16 dense peak"
+  return float("nan"), f"unknown peak for {device.device_kind}"

@@ -1,0 +1,68 @@
+"""Figures written during training and evaluation (matplotlib, headless)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def _slab_image(x: np.ndarray) -> np.ndarray:
+  """(H, W, D) slab → (H, W) image: the mean over the slab's slices."""
+  return np.asarray(x, np.float32).mean(axis=-1)
+
+
+def reconstruction_figure(batch: Mapping[str, np.ndarray], aux: Mapping[str, np.ndarray], path: str,
+                          num_samples: int = 4) -> str:
+  """Rows = samples; for PET and CT: input, masked input (masked patches grey), reconstruction.
+
+  `batch` holds `pet`, `ct` `(B, H, W, D)`; `aux` holds `pred_pet`, `pred_ct` `(B, H, W, D)` (NaN or absent where
+  a modality was not reconstructed) and `mask_pet`, `mask_ct` `(B, H, W)` (1 = masked).
+  """
+  n = min(num_samples, batch["pet"].shape[0])
+  fig, axes = plt.subplots(n, 6, figsize=(12, 2.5 * n), squeeze=False)
+  for i in range(n):
+    for j, modality in enumerate(("pet", "ct")):
+      image = _slab_image(batch[modality][i])
+      mask = np.asarray(aux.get(f"mask_{modality}", np.zeros_like(image)[None]))[i] > 0
+      pred = aux.get(f"pred_{modality}")
+      recon = _slab_image(pred[i]) if pred is not None else np.full_like(image, np.nan)
+      panels = (image, np.where(mask, 0.5, image), np.where(mask, recon, image))
+      titles = ("input", f"masked ({mask.mean():.0%})", "reconstruction")
+      for k, (panel, title) in enumerate(zip(panels, titles)):
+        ax = axes[i, 3 * j + k]
+        ax.imshow(panel, cmap="gray_r" if modality == "pet" else "gray", vmin=0, vmax=1, interpolation="nearest")
+        ax.set_axis_off()
+        if i == 0:
+          ax.set_title(f"{modality.upper()} {title}", fontsize=8)
+  return _save(fig, path)
+
+
+def line_plot(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], path: str, xlabel: str, ylabel: str,
+              title: str = "", errors: Mapping[str, Sequence[float]] | None = None) -> str:
+  """One line per named (x, y) series, optional error bars."""
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for name, (x, y) in series.items():
+    err = None if errors is None else errors.get(name)
+    ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=name)
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.set_title(title)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  return _save(fig, path)
+
+
+def _save(fig, path: str) -> str:
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = path + ".tmp.png"
+  fig.tight_layout()
+  fig.savefig(tmp, dpi=100)
+  plt.close(fig)
+  os.replace(tmp, path)
+  return path
