@@ -13,9 +13,6 @@ from petfm.eval import metrics
 
 sd = pytest.importorskip("surface_distance")
 
-ANISOTROPIC = [(0.8, 1.3, 2.5), (2.0, 0.7, 1.1), (1.5, 1.5, 1.5)]
-
-
 def blob(rng, shape, sigma=2.5, fraction=0.2):
   """Smooth random blobs covering about `fraction` of the volume."""
   field = ndimage.gaussian_filter(rng.standard_normal(shape), sigma)
@@ -40,7 +37,7 @@ def deepmind(pred, truth, spacing):
   return sd.compute_surface_distances(truth.astype(bool), pred.astype(bool), spacing)
 
 
-# --- cross-checks against independent implementations -----------------------------------------------------------
+# --- cross-checks against independent implementations ------------------------------------------------------
 
 def test_dice_matches_surface_distance():
   for pred, truth, _ in blob_pairs(3):
@@ -50,7 +47,8 @@ def test_dice_matches_surface_distance():
 def test_dice_matches_medpy():
   binary = pytest.importorskip("medpy.metric.binary")
   for pred, truth, _ in blob_pairs(3, seed=1):
-    assert metrics.dice(pred.astype(np.float32), truth.astype(np.uint8)) == pytest.approx(binary.dc(pred, truth))
+    expected = binary.dc(pred, truth)
+    assert metrics.dice(pred.astype(np.float32), truth.astype(np.uint8)) == pytest.approx(expected)
 
 
 def test_surface_metrics_equal_surface_distance_in_2d():
@@ -79,7 +77,7 @@ def test_surface_metrics_agree_with_surface_distance_in_3d():
 
 
 def connected_volume_brute_force(mask, other):
-  """Voxels of the 18-connected components of `mask` sharing no voxel with `other`, by breadth-first search."""
+  """Voxels in the 18-connected components of `mask` sharing no voxel with `other` (breadth-first search)."""
   offsets = [d for d in itertools.product((-1, 0, 1), repeat=3) if 0 < sum(map(abs, d)) <= 2]
   seen, unmatched = set(), 0
   for start in map(tuple, np.argwhere(mask)):
@@ -112,13 +110,13 @@ def test_fpv_fnv_match_brute_force_components():
         connected_volume_brute_force(truth, pred) * voxel_ml)
 
 
-# --- hand-computed cases ----------------------------------------------------------------------------------------
+# --- hand-computed cases -----------------------------------------------------------------------------------
 
 def box_layer_areas(shape, spacing):
   """Marching-cubes surface area of a box of `shape` voxels, per layer of surface points along axis 0.
 
-  Cells on a face carry the face's area element, cells on an edge a chamfer 0.5 * s_edge * hypot(other two), and
-  the 8 corner cells a triangle |(s1 s2, s0 s2, s0 s1)| / 8. Returns (end layer area, middle layer area).
+  Cells on a face carry the face's area element, cells on an edge a chamfer 0.5 * s_edge * hypot(other two),
+  and the 8 corner cells a triangle |(s1 s2, s0 s2, s0 s1)| / 8. Returns (end layer area, middle layer area).
   """
   (n0, n1, n2), (s0, s1, s2) = shape, spacing
   edge = [0.5 * s0 * math.hypot(s1, s2), 0.5 * s1 * math.hypot(s0, s2), 0.5 * s2 * math.hypot(s0, s1)]
@@ -133,7 +131,7 @@ def test_overlapping_cubes_hand_computed(spacing):
   """Cube of side a and the same cube shifted by one voxel along axis 0 (the finest axis).
 
   Dice = (a-1)/a. Every surface point of one cube lies on the other surface except the near end face and the
-  interior of the far end face, which are s0 away, so HD95 = s0, and NSD below s0 is the remaining area fraction.
+  interior of the far end face, which are s0 away: HD95 = s0, and NSD below s0 is the remaining area fraction.
   """
   a, s0 = 5, spacing[0]
   truth = np.zeros((9, 8, 8), bool)
@@ -170,8 +168,9 @@ def test_disjoint_boxes_hand_computed():
   assert expected_hd95 < max(layers)  # the end face holds less than 5 % of the area
   assert metrics.hd95(pred, truth, spacing) == pytest.approx(expected_hd95)
   assert metrics.hausdorff_distance(pred, truth, spacing, 100) == pytest.approx(gap * spacing[0])
-  tolerance = (gap - shape[0] + 2.5) * spacing[0]  # layers j = 10, 11, 12 are within it
-  assert metrics.surface_dice(pred, truth, spacing, tolerance) == pytest.approx((2 * middle + end) / sum(areas))
+  tolerance = (gap - shape[0] + 2.5) * spacing[0]  # layers j = 22, 23, 24 are within it
+  within = (2 * middle + end) / sum(areas)
+  assert metrics.surface_dice(pred, truth, spacing, tolerance) == pytest.approx(within)
   voxel_ml = np.prod(spacing) / 1000
   assert metrics.dice(pred, truth) == 0.0
   assert metrics.false_positive_volume(pred, truth, spacing) == pytest.approx(truth.sum() * voxel_ml)
@@ -208,7 +207,7 @@ def test_fpv_fnv_2d_use_8_connectivity():
   assert metrics.false_positive_volume(pred, truth, (2.0, 5.0)) == pytest.approx(2 * 10.0 / 1000)
 
 
-# --- empty masks ------------------------------------------------------------------------------------------------
+# --- empty masks -------------------------------------------------------------------------------------------
 
 NAN, INF = float("nan"), float("inf")
 
@@ -225,8 +224,10 @@ def test_empty_masks(case, expected):
     truth[1:4, 1:4, 1:4] = True
   if case == "truth empty":
     pred[4:6, 4:6, 4:6] = True
-  singles = dict(dice=metrics.dice(pred, truth), fpv_ml=metrics.false_positive_volume(pred, truth, spacing),
-                 fnv_ml=metrics.false_negative_volume(pred, truth, spacing), hd95_mm=metrics.hd95(pred, truth, spacing),
+  singles = dict(dice=metrics.dice(pred, truth),
+                 fpv_ml=metrics.false_positive_volume(pred, truth, spacing),
+                 fnv_ml=metrics.false_negative_volume(pred, truth, spacing),
+                 hd95_mm=metrics.hd95(pred, truth, spacing),
                  surface_dice=metrics.surface_dice(pred, truth, spacing))
   for got in (singles, metrics.segmentation_metrics(pred, truth, spacing)):
     assert got.keys() == expected.keys()
@@ -246,7 +247,7 @@ def test_segmentation_metrics_bundles_the_single_metrics():
   }
 
 
-# --- aggregation ------------------------------------------------------------------------------------------------
+# --- aggregation -------------------------------------------------------------------------------------------
 
 def test_aggregate_skips_nan_with_a_count_and_keeps_inf():
   rows = [{"dice": 0.5, "hd95_mm": INF, "note": "ignored"}, {"dice": NAN, "hd95_mm": 2.0}, {"dice": 0.7}]
@@ -261,7 +262,7 @@ def test_aggregate_skips_nan_with_a_count_and_keeps_inf():
   assert math.isnan(metrics.aggregate([{"dice": NAN}])["dice"]["mean"])
 
 
-# --- staging metrics --------------------------------------------------------------------------------------------
+# --- staging metrics ---------------------------------------------------------------------------------------
 
 def test_classification_metrics_hand_computed():
   scores = np.array([[0.7, 0.2, 0.1],    # label 0, predicted 0
@@ -276,7 +277,7 @@ def test_classification_metrics_hand_computed():
   # F1 = 2 TP / (|labelled c| + |predicted c|): class 0: 2/4, class 1: 2/3, class 2: 4/5.
   assert [got[f"f1_class_{c}"] for c in range(3)] == pytest.approx([0.5, 2 / 3, 0.8])
   assert got["macro_f1"] == pytest.approx((0.5 + 2 / 3 + 0.8) / 3)
-  # Class 0 positives score 0.7 and 0.3 against negatives 0.3, 0.1, 0.4, 0.2: 4 + (0.5 + 1 + 0 + 1) of 8 pairs.
+  # Class 0 positives score 0.7 and 0.3, negatives 0.3, 0.1, 0.4, 0.2: 4 + (0.5 + 1 + 0 + 1) of 8 pairs.
   assert [got[f"auc_class_{c}"] for c in range(3)] == pytest.approx([6.5 / 8, 1.0, 1.0])
   assert got["macro_auc"] == pytest.approx((6.5 / 8 + 2) / 3)
   assert got["n"] == 6 and got["note"] == ""
@@ -293,23 +294,25 @@ def test_auc_rank_formula_matches_pairwise_count():
     assert got[f"auc_class_{c}"] == pytest.approx(wins / (positive.size * negative.size))
 
 
-def test_absent_class_has_nan_auc_left_out_of_macro():
-  scores = np.array([[0.8, 0.1, 0.1], [0.3, 0.6, 0.1], [0.6, 0.3, 0.1], [0.2, 0.3, 0.5]])
+def test_absent_classes_are_left_out_of_the_macros():
+  scores = np.array([[0.8, 0.1, 0.1, 0.0], [0.3, 0.6, 0.1, 0.0], [0.6, 0.3, 0.1, 0.0], [0.2, 0.3, 0.5, 0.0]])
   got = metrics.classification_metrics(scores, np.array([0, 1, 0, 1]))
-  assert math.isnan(got["auc_class_2"])
+  assert math.isnan(got["auc_class_2"]) and math.isnan(got["auc_class_3"])
   assert got["macro_auc"] == pytest.approx((got["auc_class_0"] + got["auc_class_1"]) / 2)
-  assert "[2]" in got["note"] and "macro_auc" in got["note"]
-  # Class 2 is predicted once but never a label: F1 0 counts in the macro; a class never seen at all would not.
-  assert got["f1_class_2"] == 0.0
+  assert "[2, 3]" in got["note"] and "macro_auc" in got["note"]
+  # Class 2 is predicted once but never a label: its F1 of 0 counts. Class 3 is never seen: NaN, left out.
+  assert got["f1_class_2"] == 0.0 and math.isnan(got["f1_class_3"])
+  assert got["macro_f1"] == pytest.approx((got["f1_class_0"] + got["f1_class_1"]) / 3)
   assert metrics.aggregate([got])["accuracy"]["mean"] == got["accuracy"]
 
 
-# --- bad inputs -------------------------------------------------------------------------------------------------
+# --- bad inputs --------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("call, message", [
     (lambda: metrics.dice(np.zeros((4, 4)), np.zeros((4, 5))), "shape"),
     (lambda: metrics.hd95(np.ones((4, 4, 4)), np.ones((4, 4, 4)), (1.0, 1.0)), "spacing"),
     (lambda: metrics.false_positive_volume(np.ones((4, 4)), np.ones((4, 4)), (1.0, -1.0)), "spacing"),
+    (lambda: metrics.false_negative_volume(np.ones((4, 4)), np.ones((4, 4)), ("1.0mm", 1.0)), "spacing"),
     (lambda: metrics.surface_dice(np.ones((2, 2, 2, 2)), np.ones((2, 2, 2, 2)), (1.0,) * 4), "2-D or 3-D"),
     (lambda: metrics.surface_dice(np.ones((3, 3)), np.ones((3, 3)), (1.0, 1.0), -1.0), "tolerance"),
     (lambda: metrics.classification_metrics(np.ones((3, 2)), np.array([0, 1, 2])), "labels"),

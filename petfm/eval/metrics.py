@@ -1,7 +1,7 @@
 """Segmentation and staging metrics (numpy/scipy).
 
-Masks are arrays of any rank (2-D slices, 3-D volumes) with nonzero = foreground; `spacing` is the voxel size in
-mm along each array axis. Conventions for empty masks (`pred` = prediction, `truth` = ground truth):
+Masks are arrays of any rank (2-D slices, 3-D volumes) with nonzero = foreground; `spacing` is the voxel size
+in mm along each array axis. Conventions for empty masks (`pred` = prediction, `truth` = ground truth):
 
 | metric | both empty | truth empty, pred not | pred empty, truth not |
 |---|---|---|---|
@@ -16,20 +16,21 @@ match", which `aggregate` keeps so that a missed study cannot improve a mean. Di
 (`metric_utils.py`: NaN when both are empty, 0 when only the truth is). FPV/FNV follow the autoPET challenge
 evaluation (lab-midas/autoPET `val_script.py`; autoPET III `evaluation_metrics.py`): components found with
 18-connectivity (faces and edges; in 2-D, 8-connectivity), a prediction component is false positive when it
-shares no voxel with the truth, a truth component is false negative when it shares no voxel with the prediction,
-and FNV is NaN for a study without lesions (autoPET III). Note that autoPET III also leaves Dice NaN for every
-study without lesions; here such a study scores 0 when anything was predicted (FPV measures it too).
+shares no voxel with the truth, a truth component is false negative when it shares no voxel with the
+prediction, and FNV is NaN for a study without lesions (autoPET III). Note that autoPET III also leaves Dice
+NaN for every study without lesions; here such a study scores 0 when anything was predicted (FPV measures it
+too).
 
-Surface metrics follow DeepMind's `surface_distance` (which SAM-Med3D uses for NSD): the surface points are the
-voxel corners whose 2x2(x2) neighbourhood holds both foreground and background, each weighted by the area of the
-marching-squares/cubes surface around it, with exact Euclidean distances in mm to the nearest surface point of the
-other mask. HD95 is the larger of the two directed area-weighted 95th percentiles; NSD is the fraction of both
-surfaces' area within the tolerance of the other surface. The points and distances are the same as
-`surface_distance`'s, and so are the areas in 2-D and for 192 of the 256 3-D neighbourhoods (all 160 with planar
-surfaces among them); the other 64 have non-planar polygons that are triangulated differently, so in 3-D NSD agrees
-to about 1e-3 and HD95 to a small fraction of a voxel (tests/test_metrics.py). medpy's `hd95` differs by definition: it takes the percentile of both directions
-pooled, over unweighted boundary voxels (as MONAI's NSD does), which at 1 mm tolerance on a 1.5 mm grid gives very
-different NSD.
+Surface metrics follow DeepMind's `surface_distance` (which SAM-Med3D uses for NSD): the surface points are
+the voxel corners whose 2x2(x2) neighbourhood holds both foreground and background, each weighted by the area
+of the marching-squares/cubes surface around it, with exact Euclidean distances in mm to the nearest surface
+point of the other mask. HD95 is the larger of the two directed area-weighted 95th percentiles; NSD is the
+fraction of both surfaces' area within the tolerance of the other surface. The points and distances are the
+same as `surface_distance`'s, and so are the areas in 2-D and for 192 of the 256 3-D neighbourhoods (all 160
+with planar surfaces among them); the other 64 have non-planar polygons that are triangulated differently, so
+in 3-D NSD agrees to about 1e-3 and HD95 to a small fraction of a voxel (tests/test_metrics.py). medpy's
+`hd95` differs by definition: it takes the percentile of both directions pooled, over unweighted boundary
+voxels (as MONAI's NSD does), which at 1 mm tolerance on a 1.5 mm grid gives very different NSD.
 """
 
 from __future__ import annotations
@@ -57,10 +58,12 @@ def _masks(pred, truth) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _spacing(spacing, ndim: int) -> np.ndarray:
-  values = np.asarray(spacing, np.float64).reshape(-1)
+  try:
+    values = np.asarray(spacing, np.float64).reshape(-1)
+  except (TypeError, ValueError):
+    values = np.zeros(0)
   if values.size != ndim or not np.all(np.isfinite(values) & (values > 0)):
-    raise UserError(f"metrics: spacing {tuple(np.asarray(spacing).reshape(-1).tolist())} must be {ndim} positive "
-                    f"finite voxel sizes in mm, one per mask axis")
+    raise UserError(f"metrics: spacing {spacing!r} must be {ndim} positive finite sizes in mm, one per axis")
   return values
 
 
@@ -78,7 +81,8 @@ def dice(pred, truth) -> float:
 def _unmatched_voxels(mask: np.ndarray, other: np.ndarray) -> int:
   """Number of voxels in the connected components of `mask` (18-connectivity in 3-D) that share no voxel with
   `other`."""
-  labels, count = ndimage.label(mask, structure=ndimage.generate_binary_structure(mask.ndim, min(2, mask.ndim)))
+  connectivity = ndimage.generate_binary_structure(mask.ndim, min(2, mask.ndim))
+  labels, count = ndimage.label(mask, structure=connectivity)
   if count == 0:
     return 0
   matched = np.zeros(count + 1, bool)
@@ -94,7 +98,7 @@ def false_positive_volume(pred, truth, spacing) -> float:
 
 
 def false_negative_volume(pred, truth, spacing) -> float:
-  """autoPET false-negative volume in mL: total volume of the truth's components the prediction misses entirely.
+  """autoPET false-negative volume in mL: total volume of the truth's components the prediction misses.
 
   NaN when the truth is empty (no lesion to miss), as in the autoPET III evaluation.
   """
@@ -108,10 +112,10 @@ def _element_normals(ndim: int) -> np.ndarray:
   """Surface elements of a unit cell for every configuration of its corners (marching squares / cubes).
 
   A cell joins 2**ndim neighbouring voxel centres; bit i of a configuration is set when corner i (C order over
-  the (2,)*ndim cell) is foreground. The surface crosses every cell edge between foreground and background at its
-  midpoint; on a face whose two foreground corners are diagonal, the corners of the label that is rarer in the
-  cell are cut off. The elements are contour segments (2-D) or the triangles of a fan over each polygon (3-D), each
-  given by its normal vector whose length is its area in a unit cell.
+  the (2,)*ndim cell) is foreground. The surface crosses every cell edge between foreground and background at
+  its midpoint; on a face whose two foreground corners are diagonal, the corners of the label that is rarer in
+  the cell are cut off. The elements are contour segments (2-D) or the triangles of a fan over each polygon
+  (3-D), each given by its normal vector whose length is its area in a unit cell.
   Returns (2**2**ndim, max elements, ndim), zero-padded.
   """
   corners = list(itertools.product((0, 1), repeat=ndim))
@@ -176,12 +180,15 @@ def _surface_areas(mask: np.ndarray, spacing: np.ndarray) -> np.ndarray:
   return areas[codes]
 
 
-def _surface_distances(pred: np.ndarray, truth: np.ndarray,
-                       spacing: np.ndarray) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+_Surface = tuple[np.ndarray, np.ndarray]  # (distances in mm, areas) of the surface points of one mask
+
+
+def _surface_distances(pred: np.ndarray, truth: np.ndarray, spacing: np.ndarray) -> tuple[_Surface, _Surface]:
   """((distances, areas) of the pred surface points, (distances, areas) of the truth surface points).
 
-  Distances in mm to the nearest surface point of the other mask; inf when the other mask is empty. An empty mask
-  has no surface points (empty arrays). The masks come from `_masks`, so the grid of cells spans both surfaces.
+  Distances in mm to the nearest surface point of the other mask; inf when the other mask is empty. An empty
+  mask has no surface points (empty arrays). The masks come from `_masks`, so the grid of cells spans both
+  surfaces.
   """
   if pred.ndim not in (2, 3):
     raise UserError(f"metrics: surface metrics need 2-D or 3-D masks, got {pred.ndim}-D")
@@ -205,8 +212,7 @@ def _percentile_distance(distances: np.ndarray, areas: np.ndarray, percent: floa
   return float(distances[order][index])
 
 
-def _hausdorff(pred_surface: tuple[np.ndarray, np.ndarray], truth_surface: tuple[np.ndarray, np.ndarray],
-               percent: float) -> float:
+def _hausdorff(pred_surface: _Surface, truth_surface: _Surface, percent: float) -> float:
   if pred_surface[0].size == 0 and truth_surface[0].size == 0:
     return float("nan")
   if pred_surface[0].size == 0 or truth_surface[0].size == 0:
@@ -214,8 +220,7 @@ def _hausdorff(pred_surface: tuple[np.ndarray, np.ndarray], truth_surface: tuple
   return max(_percentile_distance(*pred_surface, percent), _percentile_distance(*truth_surface, percent))
 
 
-def _surface_dice(pred_surface: tuple[np.ndarray, np.ndarray], truth_surface: tuple[np.ndarray, np.ndarray],
-                  tolerance_mm: float) -> float:
+def _surface_dice(pred_surface: _Surface, truth_surface: _Surface, tolerance_mm: float) -> float:
   if not (np.isfinite(tolerance_mm) and tolerance_mm >= 0):
     raise UserError(f"metrics: surface Dice tolerance must be a finite distance >= 0 mm, got {tolerance_mm}")
   total = pred_surface[1].sum() + truth_surface[1].sum()
@@ -226,7 +231,7 @@ def _surface_dice(pred_surface: tuple[np.ndarray, np.ndarray], truth_surface: tu
 
 
 def hausdorff_distance(pred, truth, spacing, percent: float = 95.0) -> float:
-  """Robust symmetric Hausdorff distance in mm between the mask surfaces (percent=100: the Hausdorff distance).
+  """Robust symmetric Hausdorff distance in mm between the mask surfaces (percent=100: the plain maximum).
 
   The larger of the two directed distances within which `percent` % of the surface area lies (pred→truth,
   truth→pred); NaN when both masks are empty, inf when one is.
@@ -243,7 +248,7 @@ def hd95(pred, truth, spacing) -> float:
 
 
 def surface_dice(pred, truth, spacing, tolerance_mm: float = 1.0) -> float:
-  """Normalised surface Dice: fraction of the area of both surfaces within `tolerance_mm` of the other surface.
+  """Normalised surface Dice: fraction of both surfaces' area within `tolerance_mm` of the other surface.
 
   NaN when both masks are empty, 0 when one is. The default 1 mm is SAM-Med3D's NSD tolerance.
   """
@@ -272,10 +277,11 @@ def aggregate(rows: Sequence[Mapping[str, object]]) -> dict[str, dict[str, float
   """Mean, sample standard deviation and counts of each numeric metric over rows (e.g. studies or seeds).
 
   Returns {metric: {"mean", "std", "n", "n_nan"}}: NaN values (and metrics missing from a row) are skipped and
-  counted in `n_nan`; `n` values enter the mean. inf is kept, so the mean is inf. `std` uses ddof=1 and is NaN for
-  n < 2; `mean` is NaN for n = 0. Non-numeric entries (such as notes) are ignored.
+  counted in `n_nan`; `n` values enter the mean. inf is kept, so the mean is inf. `std` uses ddof=1 and is NaN
+  for n < 2; `mean` is NaN for n = 0. Non-numeric entries (such as notes) are ignored.
   """
-  names = list(dict.fromkeys(k for row in rows for k, v in row.items() if isinstance(v, (int, float, np.number))))
+  numeric = (int, float, np.number)
+  names = list(dict.fromkeys(k for row in rows for k, v in row.items() if isinstance(v, numeric)))
   result = {}
   for name in names:
     values = np.array([float(row.get(name, np.nan)) for row in rows])
@@ -303,10 +309,10 @@ def _one_vs_rest_auc(scores: np.ndarray, positive: np.ndarray) -> float:
 def classification_metrics(scores, labels) -> dict[str, float | int | str]:
   """Accuracy, macro-F1 and one-vs-rest ROC AUC of a C-class classifier (e.g. Ann Arbor stages I-IV as 0-3).
 
-  Args: scores (N, C) class probabilities or logits (prediction = argmax), labels (N,) ints in [0, C).
-  Returns {"accuracy", "macro_f1", "macro_auc", "f1_class_<c>", "auc_class_<c>" for each class, "n", "note"}.
-  F1 of a class that is neither a label nor a prediction is NaN and left out of macro_f1 (scikit-learn's default
-  label set). AUC of a class without positive or without negative labels is NaN and left out of macro_auc; `note`
+  Args: scores (N, C) class probabilities or logits (prediction = argmax), labels (N,) ints in [0, C). Returns
+  {"accuracy", "macro_f1", "macro_auc", "f1_class_<c>", "auc_class_<c>" for each class, "n", "note"}. F1 of a
+  class that is neither a label nor a prediction is NaN and left out of macro_f1 (scikit-learn's default label
+  set). AUC of a class without positive or without negative labels is NaN and left out of macro_auc; `note`
   says which classes were left out ("" when none).
   """
   scores = np.asarray(scores, np.float64)
@@ -315,7 +321,7 @@ def classification_metrics(scores, labels) -> dict[str, float | int | str]:
     raise UserError(f"classification_metrics: scores must have shape (N, C) with N >= 1 and C >= 2, got "
                     f"{scores.shape}")
   if labels.shape != scores.shape[:1]:
-    raise UserError(f"classification_metrics: labels must have shape ({scores.shape[0]},), got {labels.shape}")
+    raise UserError(f"classification_metrics: labels must have shape ({len(scores)},), got {labels.shape}")
   if not np.all(np.isfinite(scores)):
     raise UserError("classification_metrics: scores contain NaN or inf")
   num_classes = scores.shape[1]
@@ -332,8 +338,8 @@ def classification_metrics(scores, labels) -> dict[str, float | int | str]:
   left_out = [c for c, auc in enumerate(aucs) if np.isnan(auc)]
   note = ""
   if left_out:
-    note = (f"AUC undefined for class(es) {left_out} (no positive or no negative labels among {labels.size}); "
-            f"left out of macro_auc")
+    note = (f"AUC undefined for class(es) {left_out} (no positive or no negative labels among "
+            f"{labels.size}); left out of macro_auc")
   result: dict[str, float | int | str] = {
       "accuracy": float(np.mean(predicted == labels)),
       "macro_f1": float(np.nanmean(f1s)),
