@@ -86,13 +86,29 @@ def test_grid_at_spacing_keeps_the_field_of_view():
   dst, dst_shape = geometry.grid_at_spacing(src, shape, 4.0)
   np.testing.assert_allclose(geometry.voxel_sizes(dst), 4.0)
   np.testing.assert_allclose(dst[:3, :3] / 4.0, src[:3, :3] / geometry.voxel_sizes(src))  # same directions
-  low, high = geometry.world_bounds(src, shape)
-  new_low, new_high = geometry.world_bounds(dst, dst_shape)
-  np.testing.assert_allclose((low + high) / 2, (new_low + new_high) / 2, atol=1e-6)  # same centre
-  assert np.all(np.abs((high - low) - (new_high - new_low)) <= 4.0)  # extent within one new voxel
+  np.testing.assert_allclose(dst[:3, 3], src[:3, 3])  # starts at the first voxel centre
+  extent = np.array(shape) * geometry.voxel_sizes(src)
+  new_extent = np.array(dst_shape) * 4.0
+  assert np.all(np.abs(extent - new_extent) <= 4.0)  # within one new voxel
+  last_centre = np.linalg.solve(src, dst @ [*(np.array(dst_shape) - 1), 1])[:3]
+  assert np.all(last_centre <= np.array(shape) - 0.5)  # every new voxel samples the old field of view
   same, same_shape = geometry.grid_at_spacing(src, shape, geometry.voxel_sizes(src))
   np.testing.assert_allclose(same, src, atol=1e-9)
   assert same_shape == shape
+
+
+def test_integer_downsampling_samples_old_voxel_centres():
+  # At 2 mm → 4 mm every stored voxel is an input voxel at the same world position: no half-voxel shift
+  # between nearest-neighbour labels and the images.
+  src = _affine((2.0, 2.0, 2.0), (-7, 3, 11))
+  rng = np.random.default_rng(2)
+  labels = rng.integers(0, 5, (31, 30, 29)).astype(np.uint8)
+  dst, dst_shape = geometry.grid_at_spacing(src, labels.shape, 4.0)
+  np.testing.assert_array_equal(geometry.resample(labels, src, dst, dst_shape, order=0, cval=0),
+                                labels[::2, ::2, ::2])
+  image = labels.astype(np.float32)
+  np.testing.assert_array_equal(geometry.resample(image, src, dst, dst_shape, order=1, cval=0),
+                                image[::2, ::2, ::2])
 
 
 def test_to_original_inverts_canonical_orientation_and_resampling():

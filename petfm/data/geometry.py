@@ -40,19 +40,17 @@ def grid_at_spacing(
 ) -> tuple[np.ndarray, tuple[int, int, int]]:
   """The grid with the same axis directions and field of view as `(affine, shape)` at a new voxel size.
 
-  `spacing` is in mm, one value (isotropic) or one per axis. The new shape is the old extent divided by the
-  new spacing, rounded (at least 1); the new grid is centred on the old one. Returns `(affine, shape)`.
+  `spacing` is in mm, one value (isotropic) or one per axis. The new grid starts at the centre of the first
+  voxel and has as many voxels as fit before the far edge of the old field of view, so at an integer ratio
+  (e.g. 2 mm → 4 mm) every new voxel centre is an old voxel centre: nearest-neighbour labels are sampled
+  without a half-voxel bias and linear images without blur. Returns `(affine (4, 4), shape)`.
   """
   affine = np.asarray(affine, np.float64)
-  shape = np.asarray(shape, np.float64)
   old = voxel_sizes(affine)
   new = np.broadcast_to(np.asarray(spacing, np.float64), (3,))
-  new_shape = np.maximum(1, np.round(shape * old / new)).astype(int)
-  rotation = affine[:3, :3] / old
-  out = np.eye(4)
-  out[:3, :3] = rotation * new
-  centre = affine[:3, :3] @ ((shape - 1) / 2) + affine[:3, 3]
-  out[:3, 3] = centre - out[:3, :3] @ ((new_shape - 1) / 2)
+  new_shape = np.floor((np.asarray(shape) - 0.5) * old / new + _TOLERANCE).astype(int) + 1
+  out = affine.copy()
+  out[:3, :3] = affine[:3, :3] / old * new
   return out, tuple(int(n) for n in new_shape)
 
 

@@ -51,7 +51,7 @@ def load_image(path: str, role: str, study: str) -> nib.Nifti1Image:
   spacing = nib.affines.voxel_sizes(affine)
   if not np.all((spacing >= MIN_SPACING_MM) & (spacing <= MAX_SPACING_MM)):
     raise UserError(f"{where}: voxel spacing {_mm(spacing)} mm is outside "
-                    f"[{MIN_SPACING_MM}, {MAX_SPACING_MM}] mm")
+                    f"[{MIN_SPACING_MM:g}, {MAX_SPACING_MM:g}] mm")
   if abs(np.linalg.det(affine[:3, :3])) < 1e-6 * np.prod(spacing):
     raise UserError(f"{where}: the affine is singular (voxel axes are parallel)")
   if data.dtype.kind == "f":
