@@ -501,6 +501,8 @@ def convert(input_dir: str, output_dir: str, config: ml_collections.ConfigDict, 
       done.add(job.key)
   packed = [job for job in jobs if job.key in done]
   splits = _pack(output_dir, layout, packed, previous, errors, config)["splits"] if packed else {}
+  if os.path.isdir(staging) and not os.listdir(staging):
+    os.rmdir(staging)
   return Summary(
       output_dir=output_dir, layout=layout, converted=len(packed) - skipped, skipped=skipped, errors=errors,
       split_counts={s: splits[s]["num_records"] if splits else 0 for s in SPLITS},

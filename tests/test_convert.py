@@ -123,6 +123,7 @@ def assert_records_equal(a: dict, b: dict) -> None:
 def test_autopet_round_trip_at_native_spacing(tmp_path):
   meta = {"tracer": "PSMA", "age": 61, "sex": "male", "diagnosis": "prostate cancer", "stage": "IIIB"}
   volumes = {name: phantom(i) for i, name in enumerate(["s0", "s1", "s2"])}
+  volumes["s2"]["seg"][2, 2, 2] = volumes["s2"]["seg"][3, 3, 3] = 1  # touching at a corner: one lesion
   write_autopet(tmp_path / "in", "PETCT_aa", "s0", volumes["s0"], meta=meta)
   write_autopet(tmp_path / "in", "PETCT_aa", "s1", volumes["s1"])
   write_autopet(tmp_path / "in", "PETCT_bb", "s2", {k: v for k, v in volumes["s2"].items() if k != "organs"})
@@ -139,8 +140,7 @@ def test_autopet_round_trip_at_native_spacing(tmp_path):
     np.testing.assert_array_equal(record["organs"], vol["organs"] if name != "s2" else 0)
     assert record["ct"].dtype == np.int16 and record["suv"].dtype == np.float32
     assert record["label"].dtype == np.uint8 and record["lesions"].dtype == np.uint16
-    components, count = ndimage.label(vol["seg"], structure=np.ones((3, 3, 3)))
-    assert count == 2 and record["lesions"].max() == 2
+    assert record["lesions"].max() == (3 if name == "s2" else 2)  # components with 26-connectivity
     np.testing.assert_array_equal(record["lesions"] > 0, vol["seg"] > 0)
     lesion_rows = record["targets"][record["targets"][:, 0] == records.TARGET_LESION]
     for kind, ident, voxels, *centre in lesion_rows:
@@ -338,11 +338,16 @@ def test_every_bad_input_gives_one_line_and_the_rest_convert(tmp_path, capsys):
   manifest = records.read_manifest(str(tmp_path / "out"))
   assert sorted(manifest["errors"]) == sorted(summary.errors)
 
-  # Negative controls are kept on request (a changed config converts every study again).
-  summary = run(tmp_path / "in", tmp_path / "out", allow_empty_label=True)
-  assert (summary.converted, summary.skipped, summary.failed) == (3, 0, len(BAD_STUDIES) - 1)
-  empty = load_records(tmp_path / "out")["empty_label/study"]
-  assert empty["label"].max() == 0 and len(empty["targets"][empty["targets"][:, 0] == 1]) == 0
+  # Negative controls and studies without a label file are kept on request (a changed config converts every
+  # study again).
+  summary = run(tmp_path / "in", tmp_path / "out", allow_empty_label=True, require_label=False)
+  assert (summary.converted, summary.skipped, summary.failed) == (4, 0, len(BAD_STUDIES) - 2)
+  got = load_records(tmp_path / "out")
+  for name in ("empty_label/study", "missing/study"):
+    assert got[name]["label"].max() == 0 and not np.any(got[name]["targets"][:, 0] == records.TARGET_LESION)
+  has_label = {s["study_id"]: s["has_label"] for s in records.read_manifest(str(tmp_path / "out"))["studies"]}
+  assert has_label == {"good_a/study": True, "good_b/study": True, "empty_label/study": True,
+                       "missing/study": False}
 
 
 def _cli(*args, cwd=REPO):

@@ -39,6 +39,7 @@ def load_image(path: str, role: str, study: str) -> nib.Nifti1Image:
       raw = img.header_class.from_fileobj(f, check=False)
     if int(raw["sform_code"]) == 0 and not np.all(raw["pixdim"][1:4] != 0):
       raise UserError(f"{where}: voxel spacing {_mm(raw['pixdim'][1:4])} mm in the header has a zero")
+  data = data.astype(data.dtype.newbyteorder("="), copy=False)  # big-endian files → native byte order
   while data.ndim > 3 and data.shape[-1] == 1:
     data = data[..., 0]
   if data.ndim != 3:
