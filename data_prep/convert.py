@@ -90,7 +90,7 @@ class Study:
 
 
 def find_studies(input_dir: str, layout: str = "auto") -> tuple[str, list[Study]]:
-  """Finds the studies under `input_dir` in `layout` (or the one layout present); returns (layout, studies)."""
+  """Finds the studies under `input_dir` in `layout` (or the layout present); returns (layout, studies)."""
   if not os.path.isdir(input_dir):
     raise UserError(f"--input {input_dir}: no such folder")
   finders = {"autopet": _find_autopet, "nnunet": _find_nnunet, "hecktor": _find_hecktor}
@@ -144,7 +144,8 @@ def _find_nnunet(root: str) -> list[Study]:
     studies.append(Study(
         study_id=case, patient_id=f"{m.group(1).lower()}_{m.group(2)}" if m else case, source="nnunet",
         ct=os.path.join(images, f"{case}_0000.nii.gz"), pet=os.path.join(images, f"{case}_0001.nii.gz"),
-        label=os.path.join(root, "labelsTr", f"{case}.nii.gz"), tracer=m.group(1).upper() if m else "unknown"))
+        label=os.path.join(root, "labelsTr", f"{case}.nii.gz"),
+        tracer=m.group(1).upper() if m else "unknown"))
   return studies
 
 
@@ -288,9 +289,10 @@ def _study_metadata(study: Study, table: ClinicalTable | None) -> tuple[Study, d
     sources += [os.path.basename(table.path)] if row else []
     values.update(row)
   where = f"study {study.study_id}: {' / '.join(os.path.basename(s) for s in sources) or 'metadata'}"
-  return study, {"tracer": _parse_tracer(values.get("tracer")), "age": _parse_age(values.get("age"), where),
-                 "sex": _parse_sex(values.get("sex"), where), "stage": _parse_stage(values.get("stage"), where),
-                 "diagnosis": "" if _missing(values.get("diagnosis")) else str(values["diagnosis"]).strip()}
+  return study, {
+      "tracer": _parse_tracer(values.get("tracer")), "age": _parse_age(values.get("age"), where),
+      "sex": _parse_sex(values.get("sex"), where), "stage": _parse_stage(values.get("stage"), where),
+      "diagnosis": "" if _missing(values.get("diagnosis")) else str(values["diagnosis"]).strip()}
 
 
 def _missing(value: Any) -> bool:
@@ -344,7 +346,8 @@ def _job_key(job: Job, config: ml_collections.ConfigDict) -> str:
                                                                                "meta_json")}
   settings = {k: v for k, v in config.to_dict().items() if k != "records_per_shard"}
   payload = json.dumps({
-      "study": study, "files": files, "config": settings, "version": [records.FORMAT_VERSION, CONVERTER_VERSION],
+      "study": study, "files": files, "config": settings,
+      "version": [records.FORMAT_VERSION, CONVERTER_VERSION],
       "job": [job.tracer, job.age, job.sex, job.diagnosis, job.stage, job.split, job.text],
       "embedding": hashlib.sha256(job.text_embedding.tobytes()).hexdigest()}, sort_keys=True, default=str)
   return hashlib.sha256(payload.encode()).hexdigest()[:24]
@@ -392,7 +395,8 @@ def convert_study(job: Job, config: ml_collections.ConfigDict) -> dict[str, Any]
   return {
       "study_id": study.study_id, "patient_id": study.patient_id, "split": job.split, "source": study.source,
       "ct": ct, "suv": suv, "label": label, "lesions": lesions, "organs": organs,
-      "targets": np.concatenate([_targets(organs, records.TARGET_ORGAN), _targets(lesions, records.TARGET_LESION)]),
+      "targets": np.concatenate([_targets(organs, records.TARGET_ORGAN),
+                                 _targets(lesions, records.TARGET_LESION)]),
       "spacing": geometry.voxel_sizes(grid[0]), "affine": grid[0],
       "original_affine": pet_image.affine, "original_shape": np.asarray(pet_image.shape),
       "tracer": job.tracer, "age": job.age, "sex": job.sex, "diagnosis": job.diagnosis, "stage": job.stage,
@@ -416,8 +420,8 @@ def _onto_grid(image: nib.Nifti1Image, study: Study, role: str, reference: tuple
   else:
     overlap = geometry.overlap_fraction(affine, array.shape, pet_affine, pet_shape)
     if overlap < config.min_overlap:
-      raise UserError(f"{where}: overlaps the PET in only {overlap:.0%} of the smaller field of view "
-                      f"(needs {config.min_overlap:.0%}); PET and {role} cannot be aligned, check the affines")
+      raise UserError(f"{where}: overlaps the PET in only {overlap:.0%} of the smaller field of view (needs "
+                      f"{config.min_overlap:.0%}); PET and {role} cannot be aligned, check the affines")
   return geometry.resample(array, affine, *grid, order=order, cval=cval)
 
 
@@ -517,7 +521,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   check_choice(config, "text_encoder", ("none", "minilm"))
   spacing = np.asarray(config.spacing, np.float64)
   check(spacing.ndim == 1 and spacing.size in (1, 3) and bool(np.all((spacing >= 0.1) & (spacing <= 20))),
-        "spacing", f"{config.spacing} must be one or three voxel sizes in [0.1, 20] mm, e.g. \"(2.0,2.0,3.0)\"")
+        "spacing", f"{config.spacing} must be one or three voxel sizes in [0.1, 20] mm, e.g. '(2,2,3)'")
   fractions = (config.val_fraction, config.test_fraction)
   check(min(fractions) >= 0 and sum(fractions) <= 1, "val_fraction",
         f"val_fraction={fractions[0]} and test_fraction={fractions[1]} must be ≥ 0 with a sum ≤ 1")
@@ -548,9 +552,10 @@ def _stage(job: Job, config: dict[str, Any], path: str) -> str | None:
 
 def _run(jobs: Sequence[Job], config: ml_collections.ConfigDict, staging: str, workers: int,
          progress: bool) -> Iterable[tuple[Job, str | None]]:
-  """Converts `jobs` into staging files with `workers` processes; yields (job, error or None) as they finish."""
+  """Converts `jobs` to staging files with `workers` processes; yields (job, error or None) as they finish."""
   settings = config.to_dict()
-  bar = tqdm(total=len(jobs), desc="converting", unit="study", file=sys.stderr, disable=not progress or not jobs)
+  bar = tqdm(total=len(jobs), desc="converting", unit="study", file=sys.stderr,
+             disable=not progress or not jobs)
   with bar:
     if workers <= 1 or len(jobs) <= 1:
       for job in jobs:
@@ -694,7 +699,8 @@ def _manifest_entry(job: Job, item: bytes, shard: str, index: int) -> dict[str, 
 
 # -------------------------------------------------------------------------------------------------- CLI
 def _define_flags(fv: flags.FlagValues) -> None:
-  flags.DEFINE_string("input", None, "folder of NIfTI studies (autoPET, nnU-Net or HECKTOR layout)", flag_values=fv)
+  flags.DEFINE_string("input", None, "folder of NIfTI studies (autoPET, nnU-Net or HECKTOR layout)",
+                      flag_values=fv)
   flags.DEFINE_string("output", None, "folder for the ArrayRecord shards and manifest.json", flag_values=fv)
   flags.DEFINE_integer("workers", None, "parallel processes (default: the number of CPUs)", flag_values=fv)
 

@@ -1,4 +1,4 @@
-"""TensorFlow-Datasets builder for petfm PET/CT records: versioned datasets, `tfds.data_source`, no TensorFlow.
+"""TensorFlow-Datasets builder for petfm PET/CT records: versions, `tfds.data_source`, no TensorFlow.
 
 The builder serves the same records as `petfm prepare` (same fields and values, see `petfm.data.records`;
 TFDS hands strings back as UTF-8 `bytes`). Its manual folder holds either
@@ -29,7 +29,7 @@ pipeline options and every study is converted in parallel on the runner's worker
         manual_dir=INPUT,                                             # NIfTI studies, e.g. on GCS
         beam_options=beam.options.pipeline_options.PipelineOptions(
             ["--runner=DataflowRunner", "--project=P", "--region=R", "--temp_location=gs://B/tmp",
-             "--requirements_file=reqs.txt"])))                       # or beam_runner=beam.runners.DirectRunner()
+             "--requirements_file=reqs.txt"])))      # locally: beam_runner=beam.runners.DirectRunner()
 
 or with the `tfds` command line, which turns `--beam_pipeline_options` into `DownloadConfig.beam_options`:
 
