@@ -38,7 +38,7 @@ import io
 import json
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -78,12 +78,13 @@ def encode(record: Mapping[str, Any]) -> bytes:
   return buf.getvalue()
 
 
-def decode(data: bytes) -> dict[str, Any]:
-  """Inverse of `encode`."""
+def decode(data: bytes, fields: Iterable[str] | None = None) -> dict[str, Any]:
+  """Inverse of `encode`. `fields` limits the result to those fields (only they are read)."""
+  wanted = set(ARRAY_FIELDS) | set(STR_FIELDS) | set(SCALAR_FIELDS) if fields is None else set(fields)
   with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-    out: dict[str, Any] = {k: npz[k] for k in ARRAY_FIELDS}
-    out.update({k: str(npz[k]) for k in STR_FIELDS})
-    out.update({k: kind(npz[k]) for k, kind in SCALAR_FIELDS.items()})
+    out: dict[str, Any] = {k: npz[k] for k in ARRAY_FIELDS if k in wanted}
+    out.update({k: str(npz[k]) for k in STR_FIELDS if k in wanted})
+    out.update({k: kind(npz[k]) for k, kind in SCALAR_FIELDS.items() if k in wanted})
   return out
 
 
@@ -93,6 +94,9 @@ def write_atomic(path: str, data: bytes | str) -> None:
   os.makedirs(directory, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-" + os.path.basename(path) + "-")
   try:
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
     with os.fdopen(fd, "wb") as f:
       f.write(data.encode() if isinstance(data, str) else data)
       f.flush()
