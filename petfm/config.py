@@ -69,7 +69,7 @@ def parse_command_line(
     print(f"usage: petfm {prog} --config FILE.py:ARG [--config.FIELD=VALUE ...] [flags]\n")
     print(fv.main_module_help() or fv)
     raise SystemExit(0)
-  path = _config_path(argv)
+  path = config_path(argv)
   if path and not os.path.exists(path):
     raise UserError(f"--config: file {path!r} does not exist")
   try:
@@ -87,7 +87,7 @@ def parse_command_line(
   return fv
 
 
-def _config_path(argv: Sequence[str]) -> str | None:
+def config_path(argv: Sequence[str]) -> str | None:
   for i, a in enumerate(argv):
     if a in ("--config", "-config") and i + 1 < len(argv):
       return argv[i + 1].split(":", 1)[0]

@@ -1,16 +1,19 @@
 """FratMAE / MAE pretraining: `petfm pretrain --config experiments/fratmae.py:tiny --workdir DIR`.
 
-One readable trainer in big_vision's order: set-up → mesh → data → model and abstract init → shardings →
-sharded init → train step → checkpoint (resume) → loop. Running the same command again in the same workdir
-resumes from the latest checkpoint (optimizer state, step, RNG and the grain iterator state) and says so;
-the checkpoint can be restored onto a different mesh shape.
+One readable trainer in big_vision's order: set-up → mesh → data → model, abstract init and shardings →
+train step → checkpoint (resume or sharded init) → loop. Running the same command again in the same workdir
+resumes from the latest checkpoint (params, optimizer state, step, RNG and the grain iterator state) and says
+so; a checkpoint restores onto any mesh shape. `evaluate` scores a finished run (held-out reconstruction loss
+per masked modality and a tracer linear probe on the PET embedding); the masking-ratio sweep uses it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -20,42 +23,88 @@ import ml_collections
 import numpy as np
 import optax
 from absl import flags
+from jax.sharding import Mesh
 
 from petfm import config as config_lib
 from petfm.data import pipelines, records
+from petfm.errors import UserError
+from petfm.eval import probe
 from petfm.models import fratmae
 from petfm.models.text_encoder import tokenize_words
 from petfm.train import common
+
+MODEL_FIELDS = ("pet", "ct", "tracer", "text_embedding", "text_tokens")
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """Clear errors for bad values before anything expensive starts."""
   config_lib.check_choice(config, "method", fratmae.METHODS)
-  config_lib.check_choice(config, "data.view", ("coronal", "axial"))
+  config_lib.check_choice(config, "view", ("coronal", "axial"))
+  config_lib.check_choice(config, "mask_mode", fratmae.MASK_MODES)
   config_lib.check(config.total_steps > 0, "total_steps", f"must be > 0, got {config.total_steps}")
   config_lib.check(config.batch_size > 0, "batch_size", f"must be > 0, got {config.batch_size}")
   config_lib.check(config.optim.accum_steps >= 1, "optim.accum_steps", "must be >= 1")
   config_lib.check(config.checkpoint.every_steps > 0, "checkpoint.every_steps", "must be > 0")
   config_lib.check(config.checkpoint.keep > 0, "checkpoint.keep", "must be > 0")
+  config_lib.check(config.log_every_steps > 0, "log_every_steps", "must be > 0")
   config_lib.check_choice(config, "dtype", ("float32", "bfloat16"))
   fratmae.validate_config(config.model, config.data)
 
 
 def model_batch(batch: dict[str, np.ndarray], prompt_tokens: np.ndarray) -> dict[str, np.ndarray]:
   """The fields the model reads, from a pipeline batch (host side, numpy)."""
-  out = {k: batch[k] for k in ("pet", "ct", "tracer", "text_embedding")}
+  out = {k: batch[k] for k in MODEL_FIELDS if k in batch}
   out["text_tokens"] = prompt_tokens[batch["text_id"]]
   return out
 
 
-def example_batch(config: ml_collections.ConfigDict, batch_size: int, text_dim: int) -> dict[str, np.ndarray]:
-  h, w = config.data.plane_size
-  d = config.data.slab_depth
-  return {
-      "pet": np.zeros((batch_size, h, w, d), np.float32), "ct": np.zeros((batch_size, h, w, d), np.float32),
-      "tracer": np.zeros((batch_size,), np.int32), "text_embedding": np.zeros((batch_size, text_dim), np.float32),
-      "text_tokens": np.zeros((batch_size, config.model.text_length), np.int32),
-  }
+@dataclasses.dataclass
+class Setup:
+  """A model with its optimizer, shardings and jitted functions on one mesh."""
+  model: fratmae.FratMAE
+  mesh: Mesh
+  rules: tuple
+  schedule: Callable
+  abstract_state: Any          # ShapeDtypeStructs (unboxed)
+  state_shardings: Any
+  init: Callable               # rng key → sharded train state
+  step: Callable               # (state, global batch) → (state, scalar metrics); donates the state
+
+
+def build(config: ml_collections.ConfigDict, mesh: Mesh, example: dict[str, np.ndarray]) -> Setup:
+  """Model, optimizer, shardings and the jitted init/step for `config` on `mesh`; `example` fixes the shapes."""
+  rules = common.rules_tuple(config.sharding_rules)
+  model = fratmae.model_from_config(config.model, config.data, dtype=config.dtype)
+  tx, schedule = common.make_optimizer(config.optim, config.total_steps)
+  example = {k: v[:2] for k, v in example.items()}
+
+  def init_state(rng):
+    params_rng, masking_rng, state_rng = jax.random.split(rng, 3)
+    params = model.init({"params": params_rng, "masking": masking_rng}, example, train=True)["params"]
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
+            "rng": jax.random.key_data(state_rng)}
+
+  def loss_fn(params, batch, rng):
+    loss, metrics = model.apply({"params": params}, batch, train=True, rngs={"masking": rng})
+    return loss, {k: v for k, v in metrics.items() if jnp.ndim(v) == 0}
+
+  def train_step(state, batch):
+    step_rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+    grads, metrics = common.accumulate_gradients(loss_fn, state["params"], batch, step_rng,
+                                                 config.optim.accum_steps)
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    metrics.update(grad_norm=optax.global_norm(grads), param_norm=optax.global_norm(params),
+                   lr=schedule(state["step"]))
+    return {**state, "step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
+
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    boxed = jax.eval_shape(init_state, jax.random.key(0))
+    shardings = common.shardings_for(boxed, mesh, rules)
+    init = jax.jit(lambda rng: nn.unbox(init_state(rng)), out_shardings=shardings)
+    step = jax.jit(train_step, in_shardings=(shardings, common.batch_sharding(mesh)),
+                   out_shardings=(shardings, common.replicated(mesh)), donate_argnums=0)
+  return Setup(model, mesh, rules, schedule, nn.unbox(boxed), shardings, init, step)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -70,98 +119,56 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
 
   # ------------------------------------------------------------------ mesh
   mesh = common.create_mesh(config.mesh)
-  rules = common.rules_tuple(config.sharding_rules)
   common.check_batch_divisible(config.batch_size, mesh, config.optim.accum_steps)
 
   # ------------------------------------------------------------------ data
   manifest = records.read_manifest(config.data_dir)
   prompt_tokens = tokenize_words(manifest["prompts"], config.model.text_length)
-  local_batch_size = config.batch_size // jax.process_count()
-  train_ds = pipelines.slab_dataset(
-      config.data_dir, "train", config.data, seed=config.seed, train=True, batch_size=local_batch_size,
-      shard_index=jax.process_index(), shard_count=jax.process_count())
-  data_iter = iter(train_ds)
-  text_dim = pipelines.text_embedding_dim(config.data_dir)
+  train_iter = iter(pipelines.slab_dataset(
+      config.data_dir, "train", config.data, seed=config.seed, train=True,
+      batch_size=config.batch_size // jax.process_count()))
+  example = model_batch(next(iter(pipelines.slab_dataset(
+      config.data_dir, "train", config.data, seed=config.seed, train=False, batch_size=2))), prompt_tokens)
 
-  # ------------------------------------------------------------------ model and abstract init
-  model = fratmae.model_from_config(config.model, config.data, dtype=config.dtype)
-  example = example_batch(config, 2, text_dim)
-
-  def init_params(rng):
-    params_rng, masking_rng = jax.random.split(rng)
-    return model.init({"params": params_rng, "masking": masking_rng}, example, train=True)["params"]
-
-  tx, schedule = common.make_optimizer(config.optim, config.total_steps)
-
-  def init_state(rng):
-    params = init_params(rng)
-    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
-            "rng": jax.random.key_data(jax.random.fold_in(rng, 1))}
-
-  # ------------------------------------------------------------------ shardings
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    boxed_state = jax.eval_shape(init_state, jax.random.key(config.seed))
-    state_shardings = common.shardings_for(boxed_state, mesh, rules)
-  abstract_state = nn.unbox(boxed_state)
-  data_sharding = common.batch_sharding(mesh)
-
-  # ------------------------------------------------------------------ train step
-  def loss_fn(params, batch, rng):
-    return model.apply({"params": params}, batch, train=True, rngs={"masking": rng})
-
-  def train_step(state, batch):
-    step_rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
-    grads, metrics = common.accumulate_gradients(loss_fn, state["params"], batch, step_rng,
-                                                 config.optim.accum_steps)
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-    metrics = {k: v for k, v in metrics.items() if jnp.ndim(v) == 0}
-    metrics.update(grad_norm=optax.global_norm(grads), param_norm=optax.global_norm(params),
-                   lr=schedule(state["step"]))
-    return {**state, "step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
-
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    step_fn = jax.jit(train_step, in_shardings=(state_shardings, data_sharding),
-                      out_shardings=(state_shardings, common.replicated(mesh)), donate_argnums=0)
+  # ------------------------------------------------------------------ model, optimizer, shardings, step
+  setup = build(config, mesh, example)
 
   # ------------------------------------------------------------------ checkpoint: resume or sharded init
   ckpt = common.Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint.every_steps,
                              config.checkpoint.keep, config.checkpoint.async_save)
   logger = common.MetricsLogger(workdir, config.total_steps)
-  start_step = ckpt.latest_step()
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    if start_step is not None:
+  start_step = ckpt.latest_step() or 0
+  with jax.set_mesh(mesh), nn.logical_axis_rules(setup.rules):
+    if start_step:
       logger.message(f"resuming from the checkpoint at step {start_step} in {ckpt.directory}")
-      state = ckpt.restore(start_step, common.abstract_with_shardings(abstract_state, state_shardings), data_iter)
+      state = ckpt.restore(start_step, common.abstract_with_shardings(setup.abstract_state, setup.state_shardings),
+                           train_iter)
     else:
-      start_step = 0
-      state = jax.jit(lambda r: nn.unbox(init_state(r)), out_shardings=state_shardings)(jax.random.key(config.seed))
+      state = setup.init(jax.random.key(config.seed))
   logger.advance(start_step)
 
   # ------------------------------------------------------------------ loop
+  peak, peak_source = common.device_peak_flops()
+  flops_per_step = None
+  last_metrics: dict[str, float] = {}
+  last_good = start_step or None
   visual_batch = None
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    first = common.global_batch(model_batch(next(data_iter), prompt_tokens), mesh)
-    compiled = step_fn.lower(state, first).compile()
-    flops_per_step = common.compiled_flops_per_device(compiled) * mesh.size
-    peak, peak_source = common.device_peak_flops()
-    logger.message(f"{mesh.size} device(s) {dict(mesh.shape)}; {flops_per_step / 1e9:.2f} GFLOP per step; "
-                   f"peak {peak / 1e12:.2f} TFLOP/s per device ({peak_source})")
-    last_metrics: dict[str, float] = {}
-    last_good = None if start_step == 0 else start_step
+  with jax.set_mesh(mesh), nn.logical_axis_rules(setup.rules):
     t_last, steps_since = time.perf_counter(), 0
-    batch = first
     for step in range(start_step, config.total_steps):
-      if step > start_step:
-        batch = common.global_batch(model_batch(next(data_iter), prompt_tokens), mesh)
-      if visual_batch is None:
+      batch = common.global_batch(model_batch(next(train_iter), prompt_tokens), mesh)
+      if flops_per_step is None:
+        compiled = setup.step.lower(state, batch).compile()
+        flops_per_step = common.compiled_flops_per_device(compiled) * mesh.size
+        logger.message(f"{mesh.size} device(s) {dict(mesh.shape)}; {flops_per_step / 1e9:.3g} GFLOP per step; "
+                       f"peak {peak / 1e12:.3g} TFLOP/s per device ({peak_source})")
         visual_batch = batch
+        t_last = time.perf_counter()
       state, metrics = compiled(state, batch)
       steps_since += 1
       done = step + 1
-      log_now = done % config.log_every_steps == 0 or done == config.total_steps
       save_now = ckpt.should_save(done) or done == config.total_steps
-      if log_now or save_now:
+      if done % config.log_every_steps == 0 or save_now:
         host = {k: float(v) for k, v in jax.device_get(metrics).items()}
         common.check_finite(host, done, last_good)
         elapsed = time.perf_counter() - t_last
@@ -169,12 +176,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         host["tflops_per_s"] = steps_since * flops_per_step / elapsed / 1e12
         host["mfu"] = steps_since * flops_per_step / elapsed / (peak * mesh.size)
         logger.write(done, host, advance=steps_since)
-        last_metrics, t_last, steps_since = host, time.perf_counter(), 0
+        last_metrics, steps_since = host, 0
+        t_last = time.perf_counter()
       if save_now:
-        ckpt.save(done, state, data_iter, force=done == config.total_steps)
+        ckpt.save(done, state, train_iter, force=True)
         last_good = done
       if config.image_every_steps and (done % config.image_every_steps == 0 or done == config.total_steps):
-        save_reconstruction_png(model, state["params"], visual_batch, done, workdir, logger)
+        save_reconstruction_png(setup.model, state["params"], visual_batch, done, workdir, logger)
   ckpt.close()
   logger.close()
   return last_metrics
@@ -186,9 +194,73 @@ def save_reconstruction_png(model, params, batch, step: int, workdir: str, logge
   _, aux = jax.jit(lambda p, b: model.apply({"params": p}, b, train=True,
                                             rngs={"masking": jax.random.key(step)}))(params, batch)
   path = os.path.join(workdir, "images", f"reconstruction_{step:07d}.png")
-  viz.reconstruction_figure(jax.device_get(batch), jax.device_get(aux), path)
-  logger.image("reconstruction", path, step)
+  if jax.process_index() == 0:
+    viz.reconstruction_figure(jax.device_get(batch), jax.device_get(aux), path)
+    logger.image("reconstruction", path, step)
   return path
+
+
+# --------------------------------------------------------------------------------------------- evaluation
+
+
+def restore_params(config: ml_collections.ConfigDict, workdir: str, example: dict[str, np.ndarray]) -> tuple[Setup, Any]:
+  """The latest params of a run, restored onto a one-device mesh (for evaluation on this host)."""
+  mesh = common.create_mesh([("data", 1), ("fsdp", 1), ("tensor", 1)], jax.local_devices()[:1])
+  setup = build(config, mesh, example)
+  ckpt = common.Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint.every_steps, config.checkpoint.keep)
+  step = ckpt.latest_step()
+  if step is None:
+    raise UserError(f"{workdir}: no checkpoint to evaluate")
+  with jax.set_mesh(mesh), nn.logical_axis_rules(setup.rules):
+    state = ckpt.restore(step, common.abstract_with_shardings(setup.abstract_state, setup.state_shardings))
+  ckpt.close()
+  return setup, state["params"]
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Held-out reconstruction loss per masked modality (fixed masks) and tracer linear-probe accuracy."""
+  manifest = records.read_manifest(config.data_dir)
+  prompt_tokens = tokenize_words(manifest["prompts"], config.model.text_length)
+
+  def batches(split: str):
+    ds = pipelines.slab_dataset(config.data_dir, split, config.data, seed=config.seed, train=False,
+                                batch_size=config.eval.batch_size, shard_index=0, shard_count=1)
+    for i, batch in enumerate(ds):
+      if i >= config.eval.max_batches:
+        break
+      yield batch
+
+  held_out = [b for split in config.eval.splits if split in manifest["splits"] for b in batches(split)]
+  if not held_out:
+    raise UserError(f"{config.data_dir}: none of the splits {list(config.eval.splits)} has studies to evaluate on")
+  setup, params = restore_params(config, workdir, model_batch(held_out[0], prompt_tokens))
+  model = setup.model
+
+  @jax.jit
+  def losses(params, batch, rng):
+    return model.apply({"params": params}, batch, train=False, rngs={"masking": rng})[1]
+
+  @jax.jit
+  def embed(params, batch):
+    return model.apply({"params": params}, batch["pet"], batch["ct"], method=model.encode)["pooled_pet"]
+
+  sums: dict[str, float] = {}
+  for i, batch in enumerate(held_out):
+    metrics = losses(params, model_batch(batch, prompt_tokens), jax.random.key(i))
+    for name in ("rec_pet", "rec_ct"):
+      sums[name] = sums.get(name, 0.0) + float(metrics[name])
+  result = {name: total / len(held_out) for name, total in sums.items()}
+
+  def features(batch_list):
+    feats = [np.asarray(embed(params, b))[b["valid"]] for b in batch_list]
+    labels = [b["tracer"][b["valid"]] for b in batch_list]
+    return np.concatenate(feats), np.concatenate(labels)
+
+  train_x, train_y = features(list(batches(config.eval.probe_split)))
+  test_x, test_y = features(held_out)
+  result["probe_tracer_accuracy"] = probe.probe_accuracy(train_x, train_y, test_x, test_y, len(records.TRACERS))
+  result["probe_chance"] = float(np.mean(test_y == np.bincount(train_y).argmax()))
+  return result
 
 
 def main(argv: list[str]) -> int:
@@ -196,7 +268,7 @@ def main(argv: list[str]) -> int:
     flags.DEFINE_string("workdir", None, "output folder: checkpoints, TensorBoard events, images", flag_values=fv)
   parsed = config_lib.parse_command_line(argv, "pretrain", define)
   if not parsed.workdir:
-    raise config_lib.UserError("--workdir is required")
+    raise UserError("--workdir is required")
   metrics = train(parsed.config, parsed.workdir)
   print(json.dumps({k: round(v, 6) for k, v in metrics.items()}))
   return 0
