@@ -15,7 +15,7 @@ from petfm.models import fratmae, vit
 from petfm.models.text_encoder import tokenize_words
 
 SMALL = dict(patch_size=(4, 4), width=32, depth=2, num_heads=4, mlp_dim=64, decoder_width=32, decoder_depth=1,
-             decoder_heads=4, decoder_mlp_dim=64, ca_proj_dim=16, text_width=16, text_depth=1, text_heads=2,
+             decoder_heads=4, decoder_mlp_dim=64, ca_proj_dim=32, text_width=32, text_depth=1, text_heads=4,
              text_vocab_size=64, text_length=8)
 TEXTS = ("FDG PET/CT", "PSMA PET/CT", "FDG PET/CT", "PSMA PET/CT of a 63-year-old male", "FDG PET/CT", "PSMA PET/CT")
 
@@ -263,7 +263,7 @@ def test_multi_positive_contrastive_matches_numpy():
 def test_context_align_treats_same_text_as_positives(text_dim):
   """The module's loss equals the numpy loss with positives = equal prompt strings (not the diagonal)."""
   kw = {k: SMALL[k] for k in ("text_vocab_size", "text_length", "text_width", "text_depth", "text_heads")}
-  head = fratmae.ContextAlign(16, 2, 0.07, 100.0, "frozen", **kw)
+  head = fratmae.ContextAlign(32, 2, 0.07, 100.0, "frozen", **kw)
   batch = make_batch(batch=6, text_dim=text_dim)
   features = np.random.default_rng(1).normal(size=(6, 32)).astype(np.float32)
   args = (features, batch["text_embedding"], batch["text_tokens"])
@@ -290,7 +290,7 @@ def test_default_config_fields():
   assert config.mask_ratio_pet is None and fratmae.mask_ratios(config) == {"pet": 0.75, "ct": 0.75}
   config.mask_ratio_ct = 0.9
   assert fratmae.mask_ratios(config) == {"pet": 0.75, "ct": 0.9}
-  model = fratmae.model_from_config(config, ml_collections.ConfigDict({"plane_size": (448, 224), "slab_depth": 8}))
+  model = fratmae.model_from_config(config, ml_collections.ConfigDict({"plane_size": (448, 224), "depth": 8}))
   assert model.width == 768 and model.mask_ratio_ct == 0.9
 
 
@@ -311,7 +311,7 @@ def test_bad_config_values(field, value, message):
 
 
 def test_bad_data_config_values():
-  data = ml_collections.ConfigDict({"plane_size": (30, 16), "slab_depth": 4})
+  data = ml_collections.ConfigDict({"plane_size": (30, 16), "depth": 4})
   with pytest.raises(UserError, match=r"config.data.plane_size: \(30, 16\) is not divisible by model.patch_size"):
     fratmae.validate_config(small_config(), data)
   data.plane_size = (8, 4)

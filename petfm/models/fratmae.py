@@ -73,6 +73,7 @@ def default_config(variant: str = "tiny", method: str = "fratmae") -> ml_collect
   c.gelu = "exact"                           # or "tanh"
   c.qkv_bias = True
   c.remat = False                            # recompute blocks in the backward pass (memory)
+  c.attention_impl = "xla"                   # "cudnn": fused flash attention (NVIDIA GPU, bfloat16 compute)
   c.mask_mode = "one_visible"                # or "both_masked"
   c.mask_ratio = 0.75                        # masked modality's ratio (mae: joint tokens)
   c.mask_ratio_pet = ml_collections.config_dict.placeholder(float)   # None = mask_ratio
@@ -105,7 +106,7 @@ def num_visible(num_tokens: int, ratio: float, field: str = "mask_ratio") -> int
 
 
 def validate_config(model: ml_collections.ConfigDict, data: ml_collections.ConfigDict | None = None) -> None:
-  """Clear `UserError`s for bad model values; with the data config (`plane_size`, `slab_depth`) also checks
+  """Clear `UserError`s for bad model values; with the data config (`plane_size`, `depth`) also checks
   the image size against the patch and the mask ratios against the token count."""
   config_lib.check_choice(model, "method", METHODS)
   config_lib.check_choice(model, "mask_mode", MASK_MODES)
@@ -114,6 +115,7 @@ def validate_config(model: ml_collections.ConfigDict, data: ml_collections.Confi
   config_lib.check_choice(model, "gelu", vit.GELU_MODES)
   config_lib.check_choice(model, "ca_pooling", POOLINGS)
   config_lib.check_choice(model, "text_tower", TEXT_TOWERS)
+  config_lib.check_choice(model, "attention_impl", vit.ATTENTION_IMPLS)
   config_lib.check_choice(model, "ca_proj_layers", (1, 2))
   config_lib.check(len(model.patch_size) == 2 and all(p > 0 for p in model.patch_size), "patch_size",
                    f"must be two positive ints, got {model.patch_size}")
@@ -138,7 +140,7 @@ def validate_config(model: ml_collections.ConfigDict, data: ml_collections.Confi
     plane = tuple(data.plane_size)
     config_lib.check(len(plane) == 2 and all(s > 0 and s % p == 0 for s, p in zip(plane, model.patch_size)),
                      "data.plane_size", f"{plane} is not divisible by model.patch_size {tuple(model.patch_size)}")
-    config_lib.check(data.slab_depth > 0, "data.slab_depth", f"must be > 0, got {data.slab_depth}")
+    config_lib.check(data.depth > 0, "data.depth", f"must be > 0, got {data.depth}")
     n = math.prod(s // p for s, p in zip(plane, model.patch_size))
     if model.method.startswith("mae"):
       num_visible(n, model.mask_ratio, "model.mask_ratio")
@@ -235,6 +237,7 @@ class Decoder(nn.Module):
   gelu: str = "exact"
   qkv_bias: bool = True
   remat: bool = False
+  attention: str = "xla"
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -258,8 +261,8 @@ class Decoder(nn.Module):
     block_cls = nn.remat(vit.Block) if self.remat else vit.Block
     for i in range(self.depth):
       x = block_cls(self.num_heads, self.mlp_dim, self_attention=self.block != "cross", cross_attention=cross,
-                    gelu=self.gelu, qkv_bias=self.qkv_bias, dtype=self.dtype, param_dtype=self.param_dtype,
-                    name=f"block_{i}")(x, context if cross else None)
+                    gelu=self.gelu, qkv_bias=self.qkv_bias, attention=self.attention, dtype=self.dtype,
+                    param_dtype=self.param_dtype, name=f"block_{i}")(x, context if cross else None)
     x = vit.layer_norm("norm", self.param_dtype)(x)
     return vit.dense(out_dim, ("embed", "patch"), self.dtype, self.param_dtype, "pred")(x)
 
@@ -383,6 +386,7 @@ class FratMAE(nn.Module):
   gelu: str = "exact"
   qkv_bias: bool = True
   remat: bool = False
+  attention_impl: str = "xla"
   mask_mode: str = "one_visible"
   mask_ratio: float = 0.75
   mask_ratio_pet: float | None = None
@@ -415,10 +419,10 @@ class FratMAE(nn.Module):
   def setup(self):
     encoder = lambda name: vit.ViT(
         self.width, self.depth, self.num_heads, self.mlp_dim, tuple(self.patch_size), self.posemb, self.cls_token,
-        self.gelu, self.qkv_bias, self.remat, self.dtype, self.param_dtype, name=name)
+        self.gelu, self.qkv_bias, self.remat, self.attention_impl, self.dtype, self.param_dtype, name=name)
     decoder = lambda block, name: Decoder(
         self.decoder_width, self.decoder_depth, self.decoder_heads, self.decoder_mlp_dim, block, self.gelu,
-        self.qkv_bias, self.remat, self.dtype, self.param_dtype, name=name)
+        self.qkv_bias, self.remat, self.attention_impl, self.dtype, self.param_dtype, name=name)
     if self.joint:
       self.encoder = encoder("encoder")
       self.decoder = decoder("self", "decoder")

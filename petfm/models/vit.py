@@ -30,6 +30,7 @@ Dtype = Any
 ACT = ("act_batch", "act_len", "act_embed")
 GELU_MODES = ("exact", "tanh")
 POSEMB_MODES = ("sincos", "learn")
+ATTENTION_IMPLS = ("xla", "cudnn")
 
 VARIANTS = {
     "tiny": dict(width=64, depth=4, num_heads=4, mlp_dim=256),
@@ -184,9 +185,14 @@ class Mlp(nn.Module):
 
 class Attention(nn.Module):
   """Multi-head attention: queries from `x` (B, Lq, width), keys/values from `context` (B, Lk, width)
-  (default: `x`, i.e. self-attention). `mask` (B, Lq, Lk) bool, True = attend. Softmax in float32."""
+  (default: `x`, i.e. self-attention). `mask` (B, Lq, Lk) bool, True = attend.
+
+  `implementation` of `jax.nn.dot_product_attention`: `xla` (any platform; logits and softmax in float32) or
+  `cudnn` (fused flash attention on NVIDIA GPUs; needs bfloat16/float16 compute).
+  """
   num_heads: int
   qkv_bias: bool = True
+  implementation: str = "xla"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -203,12 +209,12 @@ class Attention(nn.Module):
       y = nn.with_logical_constraint(y, ("act_batch", "act_len", "act_heads"))
       return y.reshape(*y.shape[:-1], self.num_heads, head_dim)
 
+    if self.implementation not in ATTENTION_IMPLS:
+      raise UserError(f"attention implementation {self.implementation!r} is not one of {list(ATTENTION_IMPLS)}")
     q, k, v = project(x, "query"), project(context, "key"), project(context, "value")
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) / np.sqrt(head_dim)
-    if mask is not None:
-      logits = jnp.where(mask[:, None], logits, -1e9)
-    weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-    out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(*x.shape[:-1], width)
+    out = jax.nn.dot_product_attention(q, k, v, mask=None if mask is None else mask[:, None],
+                                       implementation=self.implementation)
+    out = out.reshape(*x.shape[:-1], width)
     out = nn.with_logical_constraint(out, ("act_batch", "act_len", "act_heads"))
     return dense(width, ("heads", "embed"), self.dtype, self.param_dtype, "out")(out)
 
@@ -223,12 +229,14 @@ class Block(nn.Module):
   cross_attention: bool = False
   gelu: str = "exact"
   qkv_bias: bool = True
+  attention: str = "xla"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, context: jax.Array | None = None, mask: jax.Array | None = None) -> jax.Array:
-    attention = lambda name: Attention(self.num_heads, self.qkv_bias, self.dtype, self.param_dtype, name=name)
+    attention = lambda name: Attention(self.num_heads, self.qkv_bias, self.attention, self.dtype, self.param_dtype,
+                                       name=name)
     x = nn.with_logical_constraint(x, ACT)
     if self.cross_attention:
       context = nn.with_logical_constraint(context, ACT)
@@ -252,6 +260,7 @@ class Encoder(nn.Module):
   gelu: str = "exact"
   qkv_bias: bool = True
   remat: bool = False
+  attention: str = "xla"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -260,8 +269,8 @@ class Encoder(nn.Module):
     block_cls = nn.remat(Block) if self.remat else Block
     layers = []
     for i in range(self.depth):
-      x = block_cls(self.num_heads, self.mlp_dim, gelu=self.gelu, qkv_bias=self.qkv_bias, dtype=self.dtype,
-                    param_dtype=self.param_dtype, name=f"block_{i}")(x, None, mask)
+      x = block_cls(self.num_heads, self.mlp_dim, gelu=self.gelu, qkv_bias=self.qkv_bias, attention=self.attention,
+                    dtype=self.dtype, param_dtype=self.param_dtype, name=f"block_{i}")(x, None, mask)
       layers.append(x)
     return layer_norm("norm", self.param_dtype)(x), tuple(layers)
 
@@ -287,6 +296,7 @@ class ViT(nn.Module):
   gelu: str = "exact"
   qkv_bias: bool = True
   remat: bool = False
+  attention: str = "xla"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -311,6 +321,6 @@ class ViT(nn.Module):
                        (1, 1, self.width), self.param_dtype)
       x = jnp.concatenate([jnp.broadcast_to(cls + cls_pos, (x.shape[0], 1, self.width)).astype(self.dtype), x], 1)
     normed, layers = Encoder(self.depth, self.num_heads, self.mlp_dim, self.gelu, self.qkv_bias, self.remat,
-                             self.dtype, self.param_dtype, name="encoder")(x)
+                             self.attention, self.dtype, self.param_dtype, name="encoder")(x)
     return {"tokens": normed[:, extra:], "cls": normed[:, 0] if self.cls_token else None,
             "layers": tuple(layer[:, extra:] for layer in layers)}
