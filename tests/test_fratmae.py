@@ -1,4 +1,4 @@
-"""FratMAE and the MAE baselines (petfm.models.fratmae): masking, losses, cross-attention, ContextAlign, config."""
+"""FratMAE and the MAE baselines (petfm.models.fratmae): masking, losses, cross-attention, ContextAlign."""
 
 import functools
 
@@ -17,7 +17,8 @@ from petfm.models.text_encoder import tokenize_words
 SMALL = dict(patch_size=(4, 4), width=32, depth=2, num_heads=4, mlp_dim=64, decoder_width=32, decoder_depth=1,
              decoder_heads=4, decoder_mlp_dim=64, ca_proj_dim=32, text_width=32, text_depth=1, text_heads=4,
              text_vocab_size=64, text_length=8)
-TEXTS = ("FDG PET/CT", "PSMA PET/CT", "FDG PET/CT", "PSMA PET/CT of a 63-year-old male", "FDG PET/CT", "PSMA PET/CT")
+TEXTS = ("FDG PET/CT", "PSMA PET/CT", "FDG PET/CT", "PSMA PET/CT of a 63-year-old male", "FDG PET/CT",
+         "PSMA PET/CT")
 
 
 def small_config(method="fratmae", **overrides):
@@ -30,7 +31,8 @@ def make_batch(batch=4, size=(16, 8), depth=2, text_dim=6, seed=0):
   rng = np.random.default_rng(seed)
   texts = [TEXTS[i % len(TEXTS)] for i in range(batch)]
   table = {t: rng.normal(size=text_dim).astype(np.float32) for t in set(texts)}
-  return {"pet": rng.random((batch, *size, depth), np.float32), "ct": rng.random((batch, *size, depth), np.float32),
+  shape = (batch, *size, depth)
+  return {"pet": rng.random(shape, np.float32), "ct": rng.random(shape, np.float32),
           "text_embedding": np.stack([table[t] for t in texts]).reshape(batch, text_dim),
           "text_tokens": tokenize_words(texts, SMALL["text_length"]), "tracer": np.zeros(batch, np.int32)}
 

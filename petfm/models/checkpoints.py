@@ -51,8 +51,9 @@ def load_vit_checkpoint(path: str, target: Any, *, grid: tuple[int, ...] | None 
   return vit_params_from_state_dict(state, target, grid=grid, source=path)
 
 
-def vit_params_from_state_dict(state: Mapping[str, np.ndarray], target: Any, *, grid: tuple[int, ...] | None = None,
-                               source: str = "checkpoint") -> tuple[Any, list[str]]:
+def vit_params_from_state_dict(state: Mapping[str, np.ndarray], target: Any, *,
+                               grid: tuple[int, ...] | None = None, source: str = "checkpoint"
+                               ) -> tuple[Any, list[str]]:
   """`load_vit_checkpoint` for a state dict already in memory (name → numpy array, torch layouts)."""
   flat_target = traverse_util.flatten_dict(nn.unbox(target), sep="/")
   shapes = {k: tuple(v.shape) for k, v in flat_target.items()}
@@ -111,7 +112,8 @@ def _param(kind: str, norm: bool = False) -> str:
   return "scale" if norm else "kernel"
 
 
-def _patch_kernel(weight: np.ndarray, target_shape: tuple[int, ...] | None, problems: list[str]) -> np.ndarray | None:
+def _patch_kernel(weight: np.ndarray, target_shape: tuple[int, ...] | None, problems: list[str]
+                  ) -> np.ndarray | None:
   """torch (width, C_src, ph, pw) → ours (ph, pw, C, width), adapting the channel count (see module doc)."""
   if target_shape is None:
     return weight

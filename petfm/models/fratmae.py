@@ -66,7 +66,7 @@ def default_config(variant: str = "tiny", method: str = "fratmae") -> ml_collect
   c = ml_collections.ConfigDict()
   c.method = method
   c.patch_size = (8, 8) if variant == "tiny" else (16, 16)
-  c.update(vit.decode_variant(variant))      # width, depth, num_heads, mlp_dim, decoder_{width,depth,heads,mlp_dim}
+  c.update(vit.decode_variant(variant))      # encoder and decoder sizes: width, depth, num_heads, decoder_*, …
   c.decoder_block = "cross_self"             # cross → self → MLP (SiamMAE); "cross" = cross → MLP (CrossMAE)
   c.posemb = "sincos"                        # or "learn" (timm checkpoints)
   c.cls_token = False
@@ -101,7 +101,8 @@ def num_visible(num_tokens: int, ratio: float, field: str = "mask_ratio") -> int
   """Tokens kept visible: round(N·(1 - ratio)); must leave at least one token visible and one masked."""
   keep = int(round(num_tokens * (1.0 - ratio)))
   config_lib.check(0 < keep < num_tokens, field,
-                   f"{ratio} keeps {keep} of {num_tokens} tokens visible; it must keep between 1 and {num_tokens - 1}")
+                   f"{ratio} keeps {keep} of {num_tokens} tokens visible; it must keep between 1 and "
+                   f"{num_tokens - 1}")
   return keep
 
 
@@ -126,7 +127,8 @@ def validate_config(model: ml_collections.ConfigDict, data: ml_collections.Confi
     config_lib.check(model[width] % model[heads] == 0, width,
                      f"{model[width]} is not divisible by {heads}={model[heads]}")
   for field in ("width", "decoder_width"):
-    config_lib.check(model[field] % 2 == 0, field, f"must be even (sin-cos position embedding), got {model[field]}")
+    config_lib.check(model[field] % 2 == 0, field,
+                     f"must be even (sin-cos position embedding), got {model[field]}")
   for field in ("mask_ratio", "mask_ratio_pet", "mask_ratio_ct"):
     ratio = model[field]
     config_lib.check(ratio is None or 0.0 < ratio < 1.0, field, f"must be in (0, 1), got {ratio}")
@@ -451,7 +453,8 @@ class FratMAE(nn.Module):
     encoded_pet = self.pet_encoder(pet)
     return {"pet": encoded_pet, "ct": self.ct_encoder(ct), "pooled_pet": self._pool(encoded_pet)}
 
-  def __call__(self, batch: dict[str, jax.Array], *, train: bool = True) -> tuple[jax.Array, dict[str, jax.Array]]:
+  def __call__(self, batch: dict[str, jax.Array], *, train: bool = True
+               ) -> tuple[jax.Array, dict[str, jax.Array]]:
     pet, ct = batch["pet"], batch["ct"]
     if pet.ndim != 4 or pet.shape != ct.shape:
       raise UserError(f"batch: pet {pet.shape} and ct {ct.shape} must both be (B, H, W, D) of the same shape")
@@ -501,9 +504,9 @@ class FratMAE(nn.Module):
     ratios = mask_ratios(self)
     pet_masked_at = jax.random.bernoulli(swap_rng, 0.5, (b // 2,)).astype(jnp.int32)   # index within the pair
     ct_masked_at = 1 - pet_masked_at
-    keep_pet, mask_pet, restore_pet = random_masking(pet_rng, b // 2, n, num_visible(n, ratios["pet"],
-                                                                                       "mask_ratio_pet"))
-    keep_ct, mask_ct, restore_ct = random_masking(ct_rng, b // 2, n, num_visible(n, ratios["ct"], "mask_ratio_ct"))
+    keep = {m: num_visible(n, ratios[m], f"mask_ratio_{m}") for m in ratios}
+    keep_pet, mask_pet, restore_pet = random_masking(pet_rng, b // 2, n, keep["pet"])
+    keep_ct, mask_ct, restore_ct = random_masking(ct_rng, b // 2, n, keep["ct"])
     pet_m, ct_m = _pair_pick(pet, pet_masked_at), _pair_pick(ct, ct_masked_at)
     pet_vis = self.pet_encoder(pet_m, keep_pet)
     pet_all = self.pet_encoder(_pair_pick(pet, ct_masked_at))
@@ -526,8 +529,9 @@ class FratMAE(nn.Module):
     b, n, p = pet.shape[0], math.prod(grid), math.prod(self.patch_size) * pet.shape[-1]
     pet_rng, ct_rng = jax.random.split(rng)
     ratios = mask_ratios(self)
-    keep_pet, mask_pet, restore_pet = random_masking(pet_rng, b, n, num_visible(n, ratios["pet"], "mask_ratio_pet"))
-    keep_ct, mask_ct, restore_ct = random_masking(ct_rng, b, n, num_visible(n, ratios["ct"], "mask_ratio_ct"))
+    keep = {m: num_visible(n, ratios[m], f"mask_ratio_{m}") for m in ratios}
+    keep_pet, mask_pet, restore_pet = random_masking(pet_rng, b, n, keep["pet"])
+    keep_ct, mask_ct, restore_ct = random_masking(ct_rng, b, n, keep["ct"])
     pet_vis, ct_vis = self.pet_encoder(pet, keep_pet), self.ct_encoder(ct, keep_ct)
     pred_pet = self.pet_decoder(pet_vis["tokens"], restore_pet, grid, p, ct_vis["tokens"], keep_ct)
     pred_ct = self.ct_decoder(ct_vis["tokens"], restore_ct, grid, p, pet_vis["tokens"], keep_pet)

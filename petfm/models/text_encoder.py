@@ -63,7 +63,8 @@ def _load_minilm() -> tuple[dict[str, np.ndarray], dict, object]:
   from safetensors.numpy import load_file
   from tokenizers import Tokenizer
   path = minilm_dir()
-  weights = {k.removeprefix("bert."): v.astype(np.float32) for k, v in load_file(path / "model.safetensors").items()}
+  tensors = load_file(path / "model.safetensors")
+  weights = {k.removeprefix("bert."): v.astype(np.float32) for k, v in tensors.items()}
   config = json.loads((path / "config.json").read_text())
   tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
   tokenizer.enable_truncation(MAX_SEQ_LENGTH)
@@ -102,7 +103,8 @@ def _bert(ids: np.ndarray, attention: np.ndarray, w: dict[str, np.ndarray], conf
     probs = np.exp(logits - logits.max(-1, keepdims=True))
     probs /= probs.sum(-1, keepdims=True)
     context = (probs @ v).transpose(0, 2, 1, 3).reshape(n, t, -1)
-    x = _layer_norm(x + _linear(context, w, f"{p}.attention.output.dense"), w, f"{p}.attention.output.LayerNorm", eps)
+    attended = x + _linear(context, w, f"{p}.attention.output.dense")
+    x = _layer_norm(attended, w, f"{p}.attention.output.LayerNorm", eps)
     hidden = _gelu(_linear(x, w, f"{p}.intermediate.dense"))
     x = _layer_norm(x + _linear(hidden, w, f"{p}.output.dense"), w, f"{p}.output.LayerNorm", eps)
   return x

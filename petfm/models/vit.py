@@ -47,7 +47,8 @@ DECODER_VARIANTS = {
 
 
 def decode_variant(name: str) -> dict[str, int]:
-  """Encoder and MAE-decoder sizes of a variant: width, depth, num_heads, mlp_dim, decoder_{width,depth,heads,mlp_dim}."""
+  """Encoder and MAE-decoder sizes of a variant:
+  width, depth, num_heads, mlp_dim, decoder_width, decoder_depth, decoder_heads, decoder_mlp_dim."""
   if name not in VARIANTS:
     raise UserError(f"unknown ViT variant {name!r}; known: {', '.join(VARIANTS)}")
   return {**VARIANTS[name], **DECODER_VARIANTS[name]}
@@ -235,8 +236,8 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, context: jax.Array | None = None, mask: jax.Array | None = None) -> jax.Array:
-    attention = lambda name: Attention(self.num_heads, self.qkv_bias, self.attention, self.dtype, self.param_dtype,
-                                       name=name)
+    attention = lambda name: Attention(self.num_heads, self.qkv_bias, self.attention, self.dtype,
+                                       self.param_dtype, name=name)
     x = nn.with_logical_constraint(x, ACT)
     if self.cross_attention:
       context = nn.with_logical_constraint(context, ACT)
@@ -244,7 +245,8 @@ class Block(nn.Module):
       x = x + attention("cross_attn")(layer_norm("norm_cross", self.param_dtype)(x), y).astype(x.dtype)
     if self.self_attention:
       x = x + attention("attn")(layer_norm("norm1", self.param_dtype)(x), mask=mask).astype(x.dtype)
-    y = Mlp(self.mlp_dim, self.gelu, self.dtype, self.param_dtype, name="mlp")(layer_norm("norm2", self.param_dtype)(x))
+    mlp = Mlp(self.mlp_dim, self.gelu, self.dtype, self.param_dtype, name="mlp")
+    y = mlp(layer_norm("norm2", self.param_dtype)(x))
     return nn.with_logical_constraint(x + y.astype(x.dtype), ACT)
 
 
@@ -269,8 +271,9 @@ class Encoder(nn.Module):
     block_cls = nn.remat(Block) if self.remat else Block
     layers = []
     for i in range(self.depth):
-      x = block_cls(self.num_heads, self.mlp_dim, gelu=self.gelu, qkv_bias=self.qkv_bias, attention=self.attention,
-                    dtype=self.dtype, param_dtype=self.param_dtype, name=f"block_{i}")(x, None, mask)
+      x = block_cls(self.num_heads, self.mlp_dim, gelu=self.gelu, qkv_bias=self.qkv_bias,
+                    attention=self.attention, dtype=self.dtype, param_dtype=self.param_dtype,
+                    name=f"block_{i}")(x, None, mask)
       layers.append(x)
     return layer_norm("norm", self.param_dtype)(x), tuple(layers)
 
