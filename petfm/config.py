@@ -8,6 +8,8 @@ Config files live in `experiments/` and define `get_config(arg: str | None) -> C
 
 from __future__ import annotations
 
+import copy
+import importlib.util
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -107,3 +109,37 @@ def check_choice(config: ml_collections.ConfigDict, field: str, choices: Sequenc
   for part in field.split("."):
     value = value[part]
   check(value in choices, field, f"{value!r} is not one of {list(choices)}")
+
+
+def load_module(path: str):
+  """Imports a config file (e.g. `experiments/fratmae.py`) as a module."""
+  if not os.path.exists(path):
+    raise UserError(f"config file {path!r} does not exist")
+  spec = importlib.util.spec_from_file_location(f"_petfm_config_{abs(hash(os.path.abspath(path)))}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def override(config: ml_collections.ConfigDict, overrides: dict[str, Any]) -> ml_collections.ConfigDict:
+  """A copy of `config` with dotted-name overrides (`{"model.depth": 2}`); unknown fields raise `UserError`."""
+  out = copy.deepcopy(config)
+  for name, value in overrides.items():
+    *parents, leaf = name.split(".")
+    node = out
+    for part in parents:
+      node = node[part] if part in node else None
+      if not isinstance(node, ml_collections.ConfigDict):
+        raise UserError(f"unknown config field {name!r}")
+    if leaf not in node:
+      raise UserError(f"unknown config field {name!r}")
+    node[leaf] = value
+  return out
+
+
+def load_config(spec: str, overrides: dict[str, Any] | None = None) -> ml_collections.ConfigDict:
+  """The locked config of `FILE.py:ARG` with dotted-name overrides, as from the command line (for Python use)."""
+  path, _, arg = spec.partition(":")
+  config = override(load_module(path).get_config(arg or None), overrides or {})
+  config.lock()
+  return config

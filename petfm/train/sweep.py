@@ -10,8 +10,6 @@ scored by `pretrain.evaluate`, and the table is rewritten after each run: `WORKD
 
 from __future__ import annotations
 
-import copy
-import importlib.util
 import json
 import os
 from typing import Any
@@ -30,9 +28,7 @@ COLUMNS = (("rec_pet", "PET rec. loss"), ("rec_ct", "CT rec. loss"), ("probe_tra
 
 def declared_runs(config_path: str) -> list[dict[str, Any]]:
   """The override dicts that the config file's `sweep(add)` declares."""
-  spec = importlib.util.spec_from_file_location("_petfm_sweep_config", config_path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  module = config_lib.load_module(config_path)
   if not hasattr(module, "sweep"):
     raise UserError(f"{config_path}: declares no sweep(add) function")
   runs: list[dict[str, Any]] = []
@@ -40,19 +36,6 @@ def declared_runs(config_path: str) -> list[dict[str, Any]]:
   if not runs:
     raise UserError(f"{config_path}: sweep(add) added no runs")
   return runs
-
-
-def with_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any]) -> ml_collections.ConfigDict:
-  out = copy.deepcopy(config)
-  for name, value in overrides.items():
-    *parents, leaf = name.split(".")
-    node = out
-    for part in parents:
-      node = node[part]
-    if leaf not in node:
-      raise UserError(f"sweep: unknown config field {name!r}")
-    node[leaf] = value
-  return out
 
 
 def run_name(overrides: dict[str, Any]) -> str:
@@ -75,7 +58,7 @@ def run_sweep(config: ml_collections.ConfigDict, config_path: str, workdir: str)
   rows = []
   for overrides in runs:
     name = run_name(overrides)
-    run_config = with_overrides(config, overrides)
+    run_config = config_lib.override(config, overrides)
     run_dir = os.path.join(workdir, name)
     print(f"== {name}", flush=True)
     pretrain.train(run_config, run_dir)
