@@ -31,10 +31,10 @@ EXTRANODAL: tuple[int, ...] = tuple(LABEL_IDS[n] for n in ("liver", "lungs", "bo
 
 # Mean HU per tissue (Gaussian noise is added later). Keys: organ names plus unlabelled tissues.
 HU: dict[str, float] = {
-    "air": -1000.0, "subcutaneous_fat": -100.0, "muscle": 50.0, "bone": 850.0, "marrow": 250.0, "spine": 250.0,
-    "brain": 35.0, "csf": 10.0, "salivary_glands": 15.0, "lungs": -850.0, "heart": 45.0, "blood_pool": 40.0,
-    "liver": 60.0, "spleen": 48.0, "kidneys": 32.0, "bladder": 5.0, "bowel": 20.0, "other_organs": 35.0,
-    "soft_tissue": 25.0, "mediastinal_fat": -80.0, "nodes": -60.0, "disc": 80.0,
+    "air": -1000.0, "subcutaneous_fat": -100.0, "muscle": 50.0, "bone": 850.0, "marrow": 250.0,
+    "spine": 250.0, "brain": 35.0, "csf": 10.0, "salivary_glands": 15.0, "lungs": -850.0, "heart": 45.0,
+    "blood_pool": 40.0, "liver": 60.0, "spleen": 48.0, "kidneys": 32.0, "bladder": 5.0, "bowel": 20.0,
+    "other_organs": 35.0, "soft_tissue": 25.0, "mediastinal_fat": -80.0, "nodes": -60.0, "disc": 80.0,
 }
 for _i in NODAL_STATIONS:
   HU[ORGAN_LABELS[_i]] = HU["nodes"]
@@ -42,11 +42,11 @@ for _i in NODAL_STATIONS:
 # Typical SUV per organ and tracer (docs/data_formats.md §4; PSMA from typical 68Ga/18F-PSMA biodistribution).
 # `soft_tissue` is unlabelled body tissue, `nodes` the fat of a lymph-node station without lesion.
 _SUV_COMMON = {"FDG": dict(
-    subcutaneous_fat=0.3, muscle=0.7, bone=0.6, spine=1.2, brain=8.0, salivary_glands=1.8, lungs=0.4, heart=3.0,
-    blood_pool=1.6, liver=2.1, spleen=1.8, kidneys=2.8, bladder=20.0, bowel=1.6, other_organs=1.2,
+    subcutaneous_fat=0.3, muscle=0.7, bone=0.6, spine=1.2, brain=8.0, salivary_glands=1.8, lungs=0.4,
+    heart=3.0, blood_pool=1.6, liver=2.1, spleen=1.8, kidneys=2.8, bladder=20.0, bowel=1.6, other_organs=1.2,
     soft_tissue=0.6, nodes=0.5), "PSMA": dict(
-    subcutaneous_fat=0.2, muscle=0.5, bone=0.5, spine=0.8, brain=0.3, salivary_glands=14.0, lungs=0.3, heart=1.0,
-    blood_pool=1.2, liver=6.0, spleen=7.0, kidneys=25.0, bladder=30.0, bowel=4.0, other_organs=1.0,
+    subcutaneous_fat=0.2, muscle=0.5, bone=0.5, spine=0.8, brain=0.3, salivary_glands=14.0, lungs=0.3,
+    heart=1.0, blood_pool=1.2, liver=6.0, spleen=7.0, kidneys=25.0, bladder=30.0, bowel=4.0, other_organs=1.0,
     soft_tissue=0.4, nodes=0.3)}
 SUV_TABLE: dict[str, dict[str, float]] = {
     tracer: {**table, **{ORGAN_LABELS[i]: table["nodes"] for i in NODAL_STATIONS}}
@@ -71,19 +71,19 @@ def _totalseg_names() -> dict[int, str]:
   names = ["spleen", "kidney_right", "kidney_left", "gallbladder", "liver", "stomach", "pancreas",
            "adrenal_gland_right", "adrenal_gland_left", "lung_upper_lobe_left", "lung_lower_lobe_left",
            "lung_upper_lobe_right", "lung_middle_lobe_right", "lung_lower_lobe_right", "esophagus", "trachea",
-           "thyroid_gland", "small_bowel", "duodenum", "colon", "urinary_bladder", "prostate", "kidney_cyst_left",
-           "kidney_cyst_right", "sacrum", "vertebrae_S1"]
+           "thyroid_gland", "small_bowel", "duodenum", "colon", "urinary_bladder", "prostate",
+           "kidney_cyst_left", "kidney_cyst_right", "sacrum", "vertebrae_S1"]
   names += [f"vertebrae_L{i}" for i in range(5, 0, -1)] + [f"vertebrae_T{i}" for i in range(12, 0, -1)]
   names += [f"vertebrae_C{i}" for i in range(7, 0, -1)]
   names += ["heart", "aorta", "pulmonary_vein", "brachiocephalic_trunk", "subclavian_artery_right",
             "subclavian_artery_left", "common_carotid_artery_right", "common_carotid_artery_left",
-            "brachiocephalic_vein_left", "brachiocephalic_vein_right", "atrial_appendage_left", "superior_vena_cava",
-            "inferior_vena_cava", "portal_vein_and_splenic_vein", "iliac_artery_left", "iliac_artery_right",
-            "iliac_vena_left", "iliac_vena_right", "humerus_left", "humerus_right", "scapula_left", "scapula_right",
-            "clavicula_left", "clavicula_right", "femur_left", "femur_right", "hip_left", "hip_right", "spinal_cord",
-            "gluteus_maximus_left", "gluteus_maximus_right", "gluteus_medius_left", "gluteus_medius_right",
-            "gluteus_minimus_left", "gluteus_minimus_right", "autochthon_left", "autochthon_right",
-            "iliopsoas_left", "iliopsoas_right", "brain", "skull"]
+            "brachiocephalic_vein_left", "brachiocephalic_vein_right", "atrial_appendage_left",
+            "superior_vena_cava", "inferior_vena_cava", "portal_vein_and_splenic_vein", "iliac_artery_left",
+            "iliac_artery_right", "iliac_vena_left", "iliac_vena_right", "humerus_left", "humerus_right",
+            "scapula_left", "scapula_right", "clavicula_left", "clavicula_right", "femur_left", "femur_right",
+            "hip_left", "hip_right", "spinal_cord", "gluteus_maximus_left", "gluteus_maximus_right",
+            "gluteus_medius_left", "gluteus_medius_right", "gluteus_minimus_left", "gluteus_minimus_right",
+            "autochthon_left", "autochthon_right", "iliopsoas_left", "iliopsoas_right", "brain", "skull"]
   names += [f"rib_left_{i}" for i in range(1, 13)] + [f"rib_right_{i}" for i in range(1, 13)]
   names += ["sternum", "costal_cartilages"]
   return dict(enumerate(names, start=1))
@@ -188,7 +188,8 @@ def whole_body(rng: np.random.Generator, lat: np.ndarray, ant: np.ndarray, depth
     centre = (side * 0.47 * rx, 0)
     c.cylinder(centre, (0.5 * rx, 0.85 * ry), (d(900), depth.max() + 1), HU["subcutaneous_fat"],
                ids["subcutaneous_fat"])
-    c.cylinder(centre, (0.5 * rx - fat, 0.85 * ry - fat), (d(900), depth.max() + 1), HU["muscle"], ids["muscle"])
+    c.cylinder(centre, (0.5 * rx - fat, 0.85 * ry - fat), (d(900), depth.max() + 1), HU["muscle"],
+               ids["muscle"])
   c.cylinder((0, -5), (58, 60), (d(170), d(275)), HU["subcutaneous_fat"], ids["subcutaneous_fat"])
   c.cylinder((0, -5), (50, 52), (d(170), d(275)), HU["muscle"], ids["muscle"])
   head = ((0, 5, d(105)), (74, 94, d(105)))
@@ -197,7 +198,8 @@ def whole_body(rng: np.random.Generator, lat: np.ndarray, ant: np.ndarray, depth
   c.ellipsoid((0, 5, d(88)), (63, 83, d(71)), HU["csf"], 0)
   c.ellipsoid((0, 5, d(88)), (60, 80, d(68)), HU["brain"], ids["brain"])
   for side in (1, -1):
-    c.ellipsoid((side * 50, -8, d(160)), (13, 20, d(22)), HU["salivary_glands"], ids["salivary_glands"])  # parotid
+    c.ellipsoid((side * 50, -8, d(160)), (13, 20, d(22)), HU["salivary_glands"],
+                ids["salivary_glands"])  # parotid
     c.ellipsoid((side * 28, 32, d(192)), (11, 11, d(10)), HU["salivary_glands"], ids["salivary_glands"])
 
   # Thorax: lungs, mediastinum, heart, great vessels, ribs, sternum, clavicles, scapulae.
@@ -205,7 +207,8 @@ def whole_body(rng: np.random.Generator, lat: np.ndarray, ant: np.ndarray, depth
   lung_c, lung_r = d(430), d(145)
   c.ellipsoid((0, 0, lung_c), (0.35 * inner, 0.8 * ry, lung_r), HU["mediastinal_fat"], 0)
   for side in (1, -1):
-    c.ellipsoid((side * 0.45 * inner, -5, lung_c), (0.4 * inner, 0.72 * ry, lung_r), HU["lungs"], ids["lungs"])
+    c.ellipsoid((side * 0.45 * inner, -5, lung_c), (0.4 * inner, 0.72 * ry, lung_r), HU["lungs"],
+                ids["lungs"])
   c.ellipsoid((-22, 18, d(475)), (56, 50, d(58)), HU["heart"], ids["heart"])
   c.ellipsoid((-22, 18, d(475)), (44, 38, d(46)), HU["blood_pool"], ids["blood_pool"])
   spine_ant = lambda mm: float(np.interp(mm, [d(170), d(280), d(450), d(700), d(880)],  # noqa: E731
@@ -214,7 +217,8 @@ def whole_body(rng: np.random.Generator, lat: np.ndarray, ant: np.ndarray, depth
   for top in np.arange(d(430), d(830), d(20)):
     c.cylinder((-14, spine_ant(top) + 27), (11, 11), (top, top + d(21)), HU["blood_pool"], ids["blood_pool"])
   for top in np.arange(d(295), d(565), d(24)):
-    ring_rx, ring_ry = float(np.interp(top, depth, trx)) - fat - 6, float(np.interp(top, depth, try_)) - fat - 6
+    ring_rx = float(np.interp(top, depth, trx)) - fat - 6
+    ring_ry = float(np.interp(top, depth, try_)) - fat - 6
     found = c.box((0, -0.1 * ring_ry, top), (ring_rx, 0.9 * ring_ry, d(5)))
     if found is not None:
       index, (u, v, _) = found
@@ -223,7 +227,8 @@ def whole_body(rng: np.random.Generator, lat: np.ndarray, ant: np.ndarray, depth
   c.ellipsoid((0, ry * 0.8 - fat, d(400)), (14, 7, d(75)), HU["bone"], ids["bone"])  # sternum
   for side in (1, -1):
     c.ellipsoid((side * 65, 0.45 * ry, d(272)), (62, 8, d(8)), HU["bone"], ids["bone"])  # clavicle
-    c.ellipsoid((side * 0.65 * rx, -0.8 * ry + fat, d(345)), (42, 7, d(65)), HU["bone"], ids["bone"])  # scapula
+    c.ellipsoid((side * 0.65 * rx, -0.8 * ry + fat, d(345)), (42, 7, d(65)), HU["bone"],
+                ids["bone"])  # scapula
 
   # Abdomen and pelvis.
   c.ellipsoid((0, 0.25 * ry, d(760)), (0.62 * inner, 0.5 * ry, d(85)), HU["bowel"], ids["bowel"])
@@ -232,7 +237,8 @@ def whole_body(rng: np.random.Generator, lat: np.ndarray, ant: np.ndarray, depth
   c.ellipsoid((-0.55 * rx, -0.4 * ry, d(590)), (30, 45, d(55)), HU["spleen"], ids["spleen"])
   for side in (1, -1):
     c.ellipsoid((side * 0.38 * rx, -0.42 * ry, d(690)), (28, 30, d(52)), HU["kidneys"], ids["kidneys"])
-    c.ellipsoid((side * 0.6 * rx, -0.2 * ry, d(830)), (24, 0.5 * ry, d(55)), HU["marrow"], ids["bone"])  # ilium
+    c.ellipsoid((side * 0.6 * rx, -0.2 * ry, d(830)), (24, 0.5 * ry, d(55)), HU["marrow"],
+                ids["bone"])  # ilium
     c.ellipsoid((side * 0.6 * rx, -0.2 * ry, d(830)), (24, 0.5 * ry, d(55)), HU["bone"], ids["bone"], shell=7)
     c.ellipsoid((side * 0.45 * rx, 0, d(905)), (24, 24, 24), HU["bone"], ids["bone"])  # femoral head
     c.cylinder((side * 0.47 * rx, 0), (15, 15), (d(915), depth.max() + 1), HU["bone"], ids["bone"])

@@ -14,7 +14,8 @@ directions (LPS storage order), random slice direction and origin offsets, body 
 
 `--from-ct DIR`: PET from a real CT plus its TotalSegmentator organ label map (e.g. `shared/data/totalseg`).
 Organ names map to our labels and SUVs (`anatomy.organ_from_totalseg`), lymph-node stations are derived
-around the aorta / IVC and the iliac vessels, and `--n` studies with different tracers and lesions are written.
+around the aorta / IVC and the iliac vessels, and `--n` studies with different tracers and lesions are
+written.
 
 Per study: tracer, age, sex and diagnosis are drawn, then the Ann Arbor stage (I one nodal station, II ≥ 2
 stations on one side of the diaphragm, III both sides, IV an extranodal organ: liver, lung or bone), then
@@ -161,7 +162,7 @@ def add_lesions(rng: np.random.Generator, organs: np.ndarray, hu: np.ndarray, su
 
 # ------------------------------------------------------------------------------------------- PET and CT
 def organ_suv(rng: np.random.Generator, tracer: str, organs: np.ndarray, hu: np.ndarray) -> np.ndarray:
-  """Noise-free SUV (X, Y, Z) float32: tracer table per label, jittered per subject; unlabelled by HU class."""
+  """Noise-free SUV (X, Y, Z) float32: tracer table per label, jittered per subject; unlabelled by HU."""
   table = anatomy.SUV_TABLE[tracer]
   scale = rng.uniform(0.85, 1.15)
   lut = np.zeros(256, np.float32)
@@ -215,12 +216,12 @@ def make_study(seed: int, index: int, scale: float = 1.0, prefix: str = "synth")
   suv_true = organ_suv(rng, meta["tracer"], canvas.organs, canvas.hu)
   seg, stage = add_lesions(rng, canvas.organs, canvas.hu, suv_true, spacing)
   meta.update(stage=stage, ann_arbor_stage=stage, spacing_mm=spacing.round(4).tolist())
-  return SynthStudy(study_id(prefix, index), simulate_ct(rng, canvas.hu), simulate_pet(rng, suv_true, spacing),
-                    seg, canvas.organs, suv_true, affine, meta)
+  return SynthStudy(study_id(prefix, index), simulate_ct(rng, canvas.hu),
+                    simulate_pet(rng, suv_true, spacing), seg, canvas.organs, suv_true, affine, meta)
 
 
 def find_ct_pair(folder: str) -> tuple[str, str]:
-  """(CT, organ label map) in `folder`: a CT NIfTI plus a TotalSegmentator map with the same shape and affine."""
+  """(CT, organ label map) in `folder`: a CT NIfTI and a TotalSegmentator map of the same shape and affine."""
   if not os.path.isdir(folder):
     raise UserError(f"--from-ct {folder}: no such folder")
   paths = sorted(glob.glob(os.path.join(glob.escape(folder), "*.nii*")))
@@ -251,7 +252,8 @@ def nodal_stations_from_ct(ts: np.ndarray, organs: np.ndarray, hu: np.ndarray,
   """
   free = (organs == 0) & (hu > -250) & (hu < 150)
   k = np.arange(ts.shape[2])[None, None, :]
-  lung_z = np.flatnonzero(_ts_mask(ts, *[n for n in anatomy.TOTALSEG_LABELS.values() if "lung" in n]).any((0, 1)))
+  lungs = _ts_mask(ts, *[n for n in anatomy.TOTALSEG_LABELS.values() if "lung" in n])
+  lung_z = np.flatnonzero(lungs.any((0, 1)))
   iliac = {side: _ts_mask(ts, f"iliac_artery_{side}", f"iliac_vena_{side}") for side in ("right", "left")}
   iliac_z = np.flatnonzero((iliac["right"] | iliac["left"]).any((0, 1)))
   central = _ts_mask(ts, "aorta", "inferior_vena_cava")
@@ -272,7 +274,7 @@ def nodal_stations_from_ct(ts: np.ndarray, organs: np.ndarray, hu: np.ndarray,
 
 
 def make_study_from_ct(ct_path: str, seg_path: str, seed: int, index: int) -> SynthStudy:
-  """Study `index` built on a real CT: organ SUVs from its TotalSegmentator labels, lesions, PET simulation."""
+  """Study `index` on a real CT: organ SUVs from its TotalSegmentator labels, lesions, PET simulation."""
   rng = np.random.default_rng([seed, index])
   prefix = re.sub(r"\W+", "_", os.path.basename(ct_path).split(".nii")[0])
   meta = _draw_subject(rng, index, prefix)
@@ -283,7 +285,8 @@ def make_study_from_ct(ct_path: str, seg_path: str, seed: int, index: int) -> Sy
   ts = ts.astype(np.uint8)
   hu = np.asarray(ct_image.dataobj, np.float32)
   spacing = np.array(ct_image.header.get_zooms()[:3], np.float64)
-  lut = np.array([anatomy.organ_from_totalseg(anatomy.TOTALSEG_LABELS.get(i, "")) for i in range(256)], np.uint8)
+  names = [anatomy.TOTALSEG_LABELS.get(i, "") for i in range(256)]
+  lut = np.array([anatomy.organ_from_totalseg(name) for name in names], np.uint8)
   organs = nodal_stations_from_ct(ts, lut[ts], hu, spacing)
   suv_true = organ_suv(rng, meta["tracer"], organs, hu)
   seg, stage = add_lesions(rng, organs, hu, suv_true, spacing)

@@ -14,5 +14,6 @@ import pytest
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 # The real CT fixtures; PETFM_TOTALSEG_DIR points elsewhere (e.g. from a git worktree).
-TOTALSEG_DIR = pathlib.Path(os.environ.get("PETFM_TOTALSEG_DIR", REPO.parent / "shared" / "data" / "totalseg"))
+TOTALSEG_DIR = pathlib.Path(os.environ.get(
+    "PETFM_TOTALSEG_DIR") or REPO.parent / "shared" / "data" / "totalseg")
 GOLDEN_DIR = REPO / "tests" / "golden"

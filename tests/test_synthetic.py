@@ -1,4 +1,4 @@
-"""Synthetic PET/CT cohort: layout, determinism, tracer tables, staging ↔ lesion placement, conversion, bad input."""
+"""Synthetic PET/CT cohort: layout, determinism, tracer tables, stage ↔ lesions, conversion, bad input."""
 
 import json
 import os
@@ -39,9 +39,9 @@ def reference_stage(seg: np.ndarray, organs: np.ndarray) -> int:
     assert len(labels) == 1, f"lesion {i} spans labels {labels}"
     sites.add(int(labels[0]))
   extranodal = {anatomy.LABEL_IDS[n] for n in ("liver", "lungs", "bone", "spine")}
-  above = {anatomy.LABEL_IDS[n] for n in ("nodes_cervical_right", "nodes_cervical_left", "nodes_axillary_right",
-                                          "nodes_axillary_left", "nodes_mediastinal")}
-  assert sites <= extranodal | set(range(20, 31)), f"lesions outside nodal stations and extranodal organs: {sites}"
+  above = {anatomy.LABEL_IDS[f"nodes_{n}"] for n in ("cervical_right", "cervical_left", "axillary_right",
+                                                     "axillary_left", "mediastinal")}
+  assert sites <= extranodal | set(range(20, 31)), f"lesions outside stations and extranodal organs {sites}"
   if sites & extranodal:
     return 4
   if sites & above and sites - above:
@@ -88,13 +88,14 @@ def test_same_seed_same_bytes_any_worker_count_different_seed_differs(cohort, tm
 
 @pytest.mark.parametrize("tracer", ["FDG", "PSMA"])
 def test_organ_hu_and_suv_follow_the_tables(tracer):
-  index = next(i for i in range(20) if synthetic._draw_subject(np.random.default_rng([3, i]), i, "s")["tracer"]
-               == tracer)
+  draw = lambda i: synthetic._draw_subject(np.random.default_rng([3, i]), i, "s")  # noqa: E731  as make_study
+  index = next(i for i in range(20) if draw(i)["tracer"] == tracer)
   study = synthetic.make_study(3, index, scale=0.5)
   assert study.meta["tracer"] == tracer
-  inside = lambda name: ndimage.binary_erosion(study.organs == anatomy.LABEL_IDS[name]) & (study.seg == 0)  # noqa
+  ids = anatomy.LABEL_IDS
+  inside = lambda name: ndimage.binary_erosion(study.organs == ids[name]) & (study.seg == 0)  # noqa: E731
   suv = {n: float(np.median(study.suv[inside(n)])) for n in ("brain", "liver", "muscle", "lungs", "kidneys")}
-  suv["salivary_glands"] = float(np.percentile(study.suv[study.organs == anatomy.LABEL_IDS["salivary_glands"]], 90))
+  suv["salivary_glands"] = float(np.percentile(study.suv[study.organs == ids["salivary_glands"]], 90))
   table = anatomy.SUV_TABLE[tracer]
   for name in ("brain", "liver", "muscle", "lungs"):
     assert 0.55 < suv[name] / table[name] < 1.6, (name, suv[name], table[name])
@@ -102,10 +103,11 @@ def test_organ_hu_and_suv_follow_the_tables(tracer):
     assert suv["brain"] > suv["liver"] > suv["muscle"] > suv["lungs"]
   else:
     assert suv["salivary_glands"] > 3 * suv["brain"] and suv["kidneys"] > suv["liver"] > suv["muscle"]
-  hu = {n: float(np.median(study.ct[inside(n)])) for n in ("lungs", "liver", "brain", "muscle", "subcutaneous_fat")}
+  hu = {n: float(np.median(study.ct[inside(n)]))
+        for n in ("lungs", "liver", "brain", "muscle", "subcutaneous_fat")}
   assert -900 < hu["lungs"] < -800 and 40 < hu["liver"] < 80 and 20 < hu["brain"] < 50
   assert 30 < hu["muscle"] < 70 and -130 < hu["subcutaneous_fat"] < -70
-  assert np.percentile(study.ct[study.organs == anatomy.LABEL_IDS["bone"]], 90) > 650  # cortical bone
+  assert np.percentile(study.ct[study.organs == ids["bone"]], 90) > 650  # cortical bone
 
 
 def test_stage_follows_lesion_placement_and_lesion_suv_range():
@@ -168,7 +170,8 @@ def test_bad_arguments_one_line_exit_2(tmp_path, capsys, args, message):
 
 def test_from_real_ct_with_totalsegmentator_labels(tmp_path):
   if not (TOTALSEG_DIR / "example_ct.nii.gz").exists():
-    pytest.skip(f"real CT not found at {TOTALSEG_DIR} (the shared/data/totalseg folder sits beside the checkout)")
+    pytest.skip(f"real CT not found at {TOTALSEG_DIR} (shared/data/totalseg beside the checkout, or set "
+                "PETFM_TOTALSEG_DIR)")
   out = tmp_path / "ct"
   assert cli.main(["synthetic", "--out", str(out), "--n", "2", "--seed", "1", "--workers", "1", "--from-ct",
                    str(TOTALSEG_DIR)]) == 0
@@ -185,7 +188,7 @@ def test_from_real_ct_with_totalsegmentator_labels(tmp_path):
     unchanged = seg == 0
     assert np.array_equal(ct[unchanged], np.asarray(ct_source.dataobj)[unchanged].clip(-1024, 3071))
     ids = anatomy.LABEL_IDS
-    assert {ids["liver"], ids["kidneys"], ids["spleen"], ids["bladder"], ids["spine"]} <= set(np.unique(organs))
+    assert {ids[n] for n in ("liver", "kidneys", "spleen", "bladder", "spine")} <= set(np.unique(organs))
     inside = lambda name: ndimage.binary_erosion(organs == ids[name]) & (seg == 0)  # noqa: E731
     liver, muscle = np.median(suv[inside("liver")]), np.median(suv[inside("muscle")])
     assert 0.6 < liver / anatomy.SUV_TABLE[meta["tracer"]]["liver"] < 1.5 and liver > muscle
