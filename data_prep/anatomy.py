@@ -177,12 +177,15 @@ def whole_body(rng: np.random.Generator, lat: np.ndarray, ant: np.ndarray, depth
   knots = np.array([d(262), d(300), d(560), d(760), d(880), d(935)])
   trx = np.interp(depth, knots, rx * np.array([0.85, 1.0, 0.95, 0.92, 1.02, 1.0]))
   try_ = np.interp(depth, knots, ry * np.array([0.7, 0.85, 0.95, 1.0, 0.95, 0.9]))
-  torso = (depth >= d(262)) & (depth <= d(935))
-  for extra, hu, label in ((0, HU["subcutaneous_fat"], ids["subcutaneous_fat"]),
-                           (-fat, HU["muscle"], ids["muscle"]), (-fat - muscle, HU["soft_tissue"], 0)):
-    rho = (lat[:, None, None] / (trx + extra)) ** 2 + (ant[None, :, None] / (try_ + extra)) ** 2
-    mask = (rho <= 1) & torso
-    c.hu[mask], c.organs[mask] = hu, label
+  torso = np.flatnonzero((depth >= d(262)) & (depth <= d(935)))
+  if torso.size:
+    span = slice(torso[0], torso[-1] + 1)
+    lat32, ant32 = lat.astype(np.float32)[:, None, None], ant.astype(np.float32)[None, :, None]
+    for extra, hu, label in ((0, HU["subcutaneous_fat"], ids["subcutaneous_fat"]),
+                             (-fat, HU["muscle"], ids["muscle"]), (-fat - muscle, HU["soft_tissue"], 0)):
+      radii = [(r[span] + extra).astype(np.float32) for r in (trx, try_)]
+      mask = (lat32 / radii[0]) ** 2 + (ant32 / radii[1]) ** 2 <= 1
+      c.paint((slice(None), slice(None), span), mask, hu, label)
   # Thighs, head and neck.
   for side in (1, -1):
     centre = (side * 0.47 * rx, 0)

@@ -6,8 +6,8 @@ Writes `DIR/<study_id>/{CTres,SUV,SEG,ORGANS}.nii.gz` + `meta.json` per study an
 label table, `data_prep.anatomy.ORGAN_LABELS`); `petfm prepare` converts the folder with its defaults.
 
 Procedural mode (default): a random head-to-thigh body (`data_prep.anatomy.whole_body`) per study. Field of
-view 500-580 mm in-plane × 1030-1110 mm cranio-caudal (vertex to mid-thigh); voxels 3.3-4.0 mm in-plane and
-1.25-1.5× that between slices (≈ 4.1-6.0 mm), i.e. ≈ 140 × 140 × 210 voxels: close to the 4 mm grid that
+view 480-560 mm in-plane × 1030-1110 mm cranio-caudal (vertex to mid-thigh); voxels 3.6-4.2 mm in-plane and
+1.2-1.4× that between slices (≈ 4.3-5.9 mm), i.e. ≈ 130 × 130 × 210 voxels: close to the 4 mm grid that
 `petfm prepare` stores by default, so a 40-study cohort takes well under a minute on two cores. `--scale F`
 divides the voxel sizes by F (tests use F ≈ 0.3 for tiny studies). The affine is scanner-like: −x, −y
 directions (LPS storage order), random slice direction and origin offsets, body off-centre.
@@ -190,7 +190,7 @@ def simulate_pet(rng: np.random.Generator, suv_true: np.ndarray, spacing: np.nda
 def simulate_ct(rng: np.random.Generator, hu: np.ndarray) -> np.ndarray:
   """Slight partial-volume blur and Gaussian noise; int16 HU."""
   ct = ndimage.gaussian_filter(hu, 0.5, truncate=2.0)
-  ct += rng.normal(0, rng.uniform(8, 20), hu.shape).astype(np.float32)
+  ct += np.float32(rng.uniform(8, 20)) * rng.standard_normal(hu.shape, dtype=np.float32)
   return np.clip(np.rint(ct), -1024, 3071).astype(np.int16)
 
 
@@ -199,9 +199,9 @@ def make_study(seed: int, index: int, scale: float = 1.0, prefix: str = "synth")
   """Procedural study `index` of the cohort `seed`; `scale` < 1 gives coarser voxels (smaller arrays)."""
   rng = np.random.default_rng([seed, index])
   meta = _draw_subject(rng, index, prefix)
-  in_plane = rng.uniform(3.3, 4.0)
-  spacing = np.array([in_plane, in_plane, in_plane * rng.uniform(1.25, 1.5)]) / scale
-  fov = np.array([rng.uniform(500, 580)] * 2 + [rng.uniform(1030, 1110)])
+  in_plane = rng.uniform(3.6, 4.2)
+  spacing = np.array([in_plane, in_plane, in_plane * rng.uniform(1.2, 1.4)]) / scale
+  fov = np.array([rng.uniform(480, 560)] * 2 + [rng.uniform(1030, 1110)])
   shape = np.ceil(fov / spacing).astype(int)
   centre = rng.uniform(-120, 120, 2)  # body centre in world mm (scanner origin offsets)
   vertex = rng.uniform(-200, 400)  # world z of the top of the head
