@@ -215,7 +215,7 @@ def make_study(seed: int, index: int, scale: float = 1.0, prefix: str = "synth")
   canvas = anatomy.whole_body(rng, world[0] - centre[0], world[1] - centre[1], vertex - world[2])
   suv_true = organ_suv(rng, meta["tracer"], canvas.organs, canvas.hu)
   seg, stage = add_lesions(rng, canvas.organs, canvas.hu, suv_true, spacing)
-  meta.update(stage=stage, ann_arbor_stage=stage, spacing_mm=spacing.round(4).tolist())
+  meta.update(ann_arbor_stage=stage, spacing_mm=spacing.round(4).tolist())
   return SynthStudy(study_id(prefix, index), simulate_ct(rng, canvas.hu),
                     simulate_pet(rng, suv_true, spacing), seg, canvas.organs, suv_true, affine, meta)
 
@@ -290,7 +290,7 @@ def make_study_from_ct(ct_path: str, seg_path: str, seed: int, index: int) -> Sy
   organs = nodal_stations_from_ct(ts, lut[ts], hu, spacing)
   suv_true = organ_suv(rng, meta["tracer"], organs, hu)
   seg, stage = add_lesions(rng, organs, hu, suv_true, spacing)
-  meta.update(stage=stage, ann_arbor_stage=stage, spacing_mm=spacing.round(4).tolist(),
+  meta.update(ann_arbor_stage=stage, spacing_mm=spacing.round(4).tolist(),
               source_ct=os.path.basename(ct_path))
   ct = np.clip(np.rint(hu), -1024, 3071).astype(np.int16)
   return SynthStudy(study_id(prefix, index), ct, simulate_pet(rng, suv_true, spacing), seg, organs, suv_true,
