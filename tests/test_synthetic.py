@@ -117,7 +117,7 @@ def test_stage_follows_lesion_placement_and_lesion_suv_range():
     lesion_suv = study.suv_true[study.seg > 0]
     assert lesion_suv.size and lesion_suv.min() >= 3 and lesion_suv.max() <= 20
     assert study.meta["ann_arbor_stage"] == reference_stage(study.seg, study.organs)
-    stages.append(study.meta["stage"])
+    stages.append(study.meta["ann_arbor_stage"])
   assert len(set(stages)) >= 3, stages
 
 
@@ -129,7 +129,7 @@ def test_converter_reads_the_cohort_with_its_defaults(cohort, tmp_path):
   for entry in manifest["studies"]:
     with open(cohort / entry["study_id"] / "meta.json") as f:
       meta = json.load(f)
-    assert (entry["tracer"], entry["stage"], entry["patient_id"]) == (meta["tracer"], meta["stage"],
+    assert (entry["tracer"], entry["stage"], entry["patient_id"]) == (meta["tracer"], meta["ann_arbor_stage"],
                                                                      meta["patient_id"])
     assert entry["lesions"] and entry["spacing"] == [4.0, 4.0, 4.0]
 
@@ -192,7 +192,7 @@ def test_from_real_ct_with_totalsegmentator_labels(tmp_path):
     inside = lambda name: ndimage.binary_erosion(organs == ids[name]) & (seg == 0)  # noqa: E731
     liver, muscle = np.median(suv[inside("liver")]), np.median(suv[inside("muscle")])
     assert 0.6 < liver / anatomy.SUV_TABLE[meta["tracer"]]["liver"] < 1.5 and liver > muscle
-    assert meta["stage"] == reference_stage(seg, organs)
+    assert meta["ann_arbor_stage"] == reference_stage(seg, organs)
   summary = convert.convert(str(out), str(tmp_path / "rec"), convert_configs.get_config(), progress=False)
   assert summary.converted == 2 and not summary.errors
 
