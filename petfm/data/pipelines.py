@@ -391,9 +391,9 @@ class _CropSampler:
     """`item` = (study index, kind, id) for evaluation; the target is drawn per crop when training."""
     cfg, index = self.cfg, item[0]
     kinds = {kind for kind, _ in self.eligible(self.split.entries[index])} if rng is not None else {item[1]}
-    labels = [name for kind, name in ((records.TARGET_ORGAN, "organs"), (records.TARGET_LESION, "lesions"))
-              if kind in kinds]
-    record = self.split.read(index, self.split.fields("suv", "targets", *labels, *cfg.channels[1:]))
+    maps = [name for kind, name in ((records.TARGET_ORGAN, "organs"), (records.TARGET_LESION, "lesions"))
+            if kind in kinds]
+    record = self.split.read(index, self.split.fields("suv", "targets", *maps, *cfg.channels[1:]))
     rows = {(int(r[0]), int(r[1])): r[3:6].astype(np.float64) for r in record["targets"]}
     choices = self.eligible(self.split.entries[index])
     samples = []
@@ -418,8 +418,7 @@ class _CropSampler:
 class _StudySampler:
   """One decoded study → the whole study as `max_slabs` slabs (leading axis 1), see `study_dataset`."""
 
-  def __init__(self, split: _Split, cfg: ml_collections.ConfigDict, count: int):
-    del count  # one sample per study
+  def __init__(self, split: _Split, cfg: ml_collections.ConfigDict):
     self.split, self.cfg = split, ml_collections.FrozenConfigDict(cfg)
 
   def __call__(self, index: int, rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
@@ -538,6 +537,6 @@ def study_dataset(data_dir: str, split: str, cfg: ml_collections.ConfigDict, *, 
   """Batches of whole studies, each a stack of `max_slabs` slabs (padded, `slab_valid`) + stage/tracer."""
   check_config(cfg, "study")
   records_ = _Split(data_dir, split)
-  return _pipeline(range(len(records_)), _StudySampler(records_, cfg, 1), cfg,
+  return _pipeline(range(len(records_)), _StudySampler(records_, cfg), cfg,
                    what=f"{data_dir} split {split}", seed=seed, train=train, batch_size=batch_size,
                    per_read=1, shard_index=shard_index, shard_count=shard_count)
