@@ -282,6 +282,9 @@ def test_missing_data_dir_and_unknown_split(data_dir, tmp_path):
                            batch_size=2)
   with pytest.raises(UserError, match="no split 'tain'"):
     pipelines.slab_dataset(data_dir, "tain", slab_config(), seed=0, train=True, batch_size=2)
+  with pytest.raises(UserError, match="has no training examples for host 7 of 8"):
+    pipelines.slab_dataset(data_dir, "train", slab_config(), seed=0, train=True, batch_size=2, shard_index=7,
+                           shard_count=8)
   with pytest.raises(UserError, match="samples_per_read=2: must divide the batch size 3"):
     pipelines.slab_dataset(data_dir, "train", slab_config(), seed=0, train=True, batch_size=3)
 

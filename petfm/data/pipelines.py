@@ -121,7 +121,7 @@ def default_study_config() -> ml_collections.ConfigDict:
   c.fit = "resize"
   c.plane_size = (128, 64)
   c.max_slabs = 16           # S: slabs per study; longer studies keep the central S·D slices, shorter pad
-  c.samples_per_read = 1
+  c.samples_per_read = 1     # unused: the study view always yields one sample per study
   return c
 
 
