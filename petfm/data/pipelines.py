@@ -202,7 +202,8 @@ def resample_diagonal(array: np.ndarray, scale: Sequence[float], offset: Sequenc
 
   `order` 1 trilinear (float32 out) or 0 nearest (dtype kept). Points more than half a voxel outside the
   array get `cval`. Unit scales with integer offsets (crops, flips, padding) are exact copies, no
-  interpolation. Only the needed voxels of `array` are read. Returns `(out (out_shape), valid (out_shape) bool)`.
+  interpolation. Only the needed voxels of `array` are read.
+  Returns `(out (out_shape), valid (out_shape) bool)`.
   """
   scale, offset = np.asarray(scale, np.float64), np.asarray(offset, np.float64)
   coords = [scale[k] * np.arange(n) + offset[k] for k, n in enumerate(out_shape)]
