@@ -35,9 +35,9 @@ Batches (numpy; B = batch size):
                  slab_valid (B, S) bool
 
 train=True: infinite, shuffled (reshuffled every epoch), augmented; the `samples_per_read` samples cut from
-one decoded study land in the same batch. train=False: one deterministic pass (centre slab / every target once /
-whole study), no augmentation; the last batch is padded to the full batch size with `valid=False` samples
-(all zero), and every host yields the same number of batches.
+one decoded study land in the same batch. train=False: one deterministic pass (centre slab / every target
+once / whole study), no augmentation; the last batch is padded to the full batch size with `valid=False`
+samples (all zero), and every host yields the same number of batches.
 """
 
 from __future__ import annotations
