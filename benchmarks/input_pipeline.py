@@ -34,8 +34,8 @@ def views(args) -> dict[str, tuple]:
   cfg.channels = ("pet", "ct")
   out[f"crop {args.crop_size}^3 pet+ct"] = (pipelines.crop_dataset, cfg)
   cfg = pipelines.default_study_config()
-  out[f"study {cfg.max_slabs}x{cfg.plane_size[0]}x{cfg.plane_size[1]}x{cfg.depth}"] = (pipelines.study_dataset,
-                                                                                      cfg)
+  name = f"study {cfg.max_slabs}x{cfg.plane_size[0]}x{cfg.plane_size[1]}x{cfg.depth}"
+  out[name] = (pipelines.study_dataset, cfg)
   for _, cfg in out.values():
     cfg.worker_count = args.worker_count
     cfg.read_threads = args.read_threads
@@ -61,7 +61,7 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--data_dir", help="converted records folder (manifest.json)")
   parser.add_argument("--make_cohort", help="convert a phantom cohort into this folder first and use it")
-  parser.add_argument("--cohort_shape", default="96,64,224", help="phantom study shape X,Y,Z (2×2×3 mm voxels)")
+  parser.add_argument("--cohort_shape", default="96,64,224", help="phantom shape X,Y,Z (2×2×3 mm voxels)")
   parser.add_argument("--cohort_studies", type=int, default=8, help="phantom training studies")
   parser.add_argument("--split", default="train")
   parser.add_argument("--batch_size", type=int, default=8)

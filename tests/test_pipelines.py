@@ -118,7 +118,8 @@ def test_slab_shapes_and_dtypes(data_dir, view, fit):
     for key in ("tracer", "stage", "text_id", "index"):
       assert batch[key].shape == (4,) and batch[key].dtype == np.int32, key
     assert batch["valid"].all()
-    assert np.all(batch["pet"][~batch["voxel_valid"]] == -1) or train  # padding = air (no jitter in eval)
+    if not train:  # padding is air, -1 (training adds intensity jitter)
+      assert np.all(batch["pet"][~batch["voxel_valid"]] == -1)
   manifest = records.read_manifest(data_dir)
   assert set(batch["text_id"]) <= set(range(len(manifest["prompts"])))
 
@@ -281,6 +282,9 @@ def test_missing_data_dir_and_unknown_split(data_dir, tmp_path):
                            batch_size=2)
   with pytest.raises(UserError, match="no split 'tain'"):
     pipelines.slab_dataset(data_dir, "tain", slab_config(), seed=0, train=True, batch_size=2)
+  with pytest.raises(UserError, match="has no training examples for host 7 of 8"):
+    pipelines.slab_dataset(data_dir, "train", slab_config(), seed=0, train=True, batch_size=2, shard_index=7,
+                           shard_count=8)
   with pytest.raises(UserError, match="samples_per_read=2: must divide the batch size 3"):
     pipelines.slab_dataset(data_dir, "train", slab_config(), seed=0, train=True, batch_size=3)
 

@@ -35,9 +35,9 @@ Batches (numpy; B = batch size):
                  slab_valid (B, S) bool
 
 train=True: infinite, shuffled (reshuffled every epoch), augmented; the `samples_per_read` samples cut from
-one decoded study land in the same batch. train=False: one deterministic pass (centre slab / every target once /
-whole study), no augmentation; the last batch is padded to the full batch size with `valid=False` samples
-(all zero), and every host yields the same number of batches.
+one decoded study land in the same batch. train=False: one deterministic pass (centre slab / every target
+once / whole study), no augmentation; the last batch is padded to the full batch size with `valid=False`
+samples (all zero), and every host yields the same number of batches.
 """
 
 from __future__ import annotations
@@ -121,7 +121,7 @@ def default_study_config() -> ml_collections.ConfigDict:
   c.fit = "resize"
   c.plane_size = (128, 64)
   c.max_slabs = 16           # S: slabs per study; longer studies keep the central S·D slices, shorter pad
-  c.samples_per_read = 1
+  c.samples_per_read = 1     # unused: the study view always yields one sample per study
   return c
 
 
@@ -202,7 +202,8 @@ def resample_diagonal(array: np.ndarray, scale: Sequence[float], offset: Sequenc
 
   `order` 1 trilinear (float32 out) or 0 nearest (dtype kept). Points more than half a voxel outside the
   array get `cval`. Unit scales with integer offsets (crops, flips, padding) are exact copies, no
-  interpolation. Only the needed voxels of `array` are read. Returns `(out (out_shape), valid (out_shape) bool)`.
+  interpolation. Only the needed voxels of `array` are read.
+  Returns `(out (out_shape), valid (out_shape) bool)`.
   """
   scale, offset = np.asarray(scale, np.float64), np.asarray(offset, np.float64)
   coords = [scale[k] * np.arange(n) + offset[k] for k, n in enumerate(out_shape)]
@@ -391,9 +392,9 @@ class _CropSampler:
     """`item` = (study index, kind, id) for evaluation; the target is drawn per crop when training."""
     cfg, index = self.cfg, item[0]
     kinds = {kind for kind, _ in self.eligible(self.split.entries[index])} if rng is not None else {item[1]}
-    labels = [name for kind, name in ((records.TARGET_ORGAN, "organs"), (records.TARGET_LESION, "lesions"))
-              if kind in kinds]
-    record = self.split.read(index, self.split.fields("suv", "targets", *labels, *cfg.channels[1:]))
+    maps = [name for kind, name in ((records.TARGET_ORGAN, "organs"), (records.TARGET_LESION, "lesions"))
+            if kind in kinds]
+    record = self.split.read(index, self.split.fields("suv", "targets", *maps, *cfg.channels[1:]))
     rows = {(int(r[0]), int(r[1])): r[3:6].astype(np.float64) for r in record["targets"]}
     choices = self.eligible(self.split.entries[index])
     samples = []
@@ -418,8 +419,7 @@ class _CropSampler:
 class _StudySampler:
   """One decoded study → the whole study as `max_slabs` slabs (leading axis 1), see `study_dataset`."""
 
-  def __init__(self, split: _Split, cfg: ml_collections.ConfigDict, count: int):
-    del count  # one sample per study
+  def __init__(self, split: _Split, cfg: ml_collections.ConfigDict):
     self.split, self.cfg = split, ml_collections.FrozenConfigDict(cfg)
 
   def __call__(self, index: int, rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
@@ -538,6 +538,6 @@ def study_dataset(data_dir: str, split: str, cfg: ml_collections.ConfigDict, *, 
   """Batches of whole studies, each a stack of `max_slabs` slabs (padded, `slab_valid`) + stage/tracer."""
   check_config(cfg, "study")
   records_ = _Split(data_dir, split)
-  return _pipeline(range(len(records_)), _StudySampler(records_, cfg, 1), cfg,
+  return _pipeline(range(len(records_)), _StudySampler(records_, cfg), cfg,
                    what=f"{data_dir} split {split}", seed=seed, train=train, batch_size=batch_size,
                    per_read=1, shard_index=shard_index, shard_count=shard_count)
