@@ -22,12 +22,13 @@ from petfm.data import pipelines
 from petfm.models import fratmae
 
 # Input geometry per variant: in-plane (H, W) in record voxels (4 mm records: 448 × 224 ≈ 1.8 m × 0.9 m),
-# slab depth D, global batch, steps. `tiny` is sized for CPU tests and the demo.
+# slab depth D, global batch, steps. `tiny` is sized for CPU tests and the demo: the whole coronal plane
+# resized into 128 × 64 (≈ 8.5 mm voxels).
 VARIANT_DATA = {
-    "tiny": dict(plane_size=(128, 64), depth=4, batch_size=16, total_steps=300, warmup_steps=20, lr=1e-3),
-    "S": dict(plane_size=(448, 224), depth=8, batch_size=256, total_steps=50_000, warmup_steps=2_500, lr=1.5e-4),
-    "B": dict(plane_size=(448, 224), depth=8, batch_size=512, total_steps=100_000, warmup_steps=5_000, lr=1.5e-4),
-    "L": dict(plane_size=(448, 224), depth=8, batch_size=1024, total_steps=100_000, warmup_steps=5_000, lr=1.5e-4),
+    "tiny": dict(plane_size=(128, 64), fit="resize", depth=4, batch_size=16, total_steps=300, warmup_steps=20, lr=1e-3),
+    "S": dict(plane_size=(448, 224), fit="crop", depth=8, batch_size=256, total_steps=50_000, warmup_steps=2_500, lr=1.5e-4),
+    "B": dict(plane_size=(448, 224), fit="crop", depth=8, batch_size=512, total_steps=100_000, warmup_steps=5_000, lr=1.5e-4),
+    "L": dict(plane_size=(448, 224), fit="crop", depth=8, batch_size=1024, total_steps=100_000, warmup_steps=5_000, lr=1.5e-4),
 }
 
 
@@ -53,6 +54,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.view = c.get_ref("view")
   c.data.plane_size = sizes["plane_size"]
   c.data.depth = sizes["depth"]
+  c.data.fit = sizes["fit"]
 
   c.model = fratmae.default_config(args.variant, args.method)
   c.model.method = c.get_ref("method")

@@ -21,7 +21,7 @@ def reconstruction_figure(batch: Mapping[str, np.ndarray], aux: Mapping[str, np.
                           num_samples: int = 4) -> str:
   """Rows = samples; for PET and CT: input, masked input (masked patches grey), reconstruction.
 
-  `batch` holds `pet`, `ct` `(B, H, W, D)`; `aux` holds `pred_pet`, `pred_ct` `(B, H, W, D)` (NaN or absent where
+  `batch` holds `pet`, `ct` `(B, H, W, D)` normalised to [-1, 1] (`pipelines.normalize`); `aux` holds `pred_pet`, `pred_ct` `(B, H, W, D)` (NaN or absent where
   a modality was not reconstructed) and `mask_pet`, `mask_ct` `(B, H, W)` (1 = masked).
   """
   n = min(num_samples, batch["pet"].shape[0])
@@ -32,11 +32,11 @@ def reconstruction_figure(batch: Mapping[str, np.ndarray], aux: Mapping[str, np.
       mask = np.asarray(aux.get(f"mask_{modality}", np.zeros_like(image)[None]))[i] > 0
       pred = aux.get(f"pred_{modality}")
       recon = _slab_image(pred[i]) if pred is not None else np.full_like(image, np.nan)
-      panels = (image, np.where(mask, 0.5, image), np.where(mask, recon, image))
+      panels = (image, np.where(mask, 0.0, image), np.where(mask, recon, image))
       titles = ("input", f"masked ({mask.mean():.0%})", "reconstruction")
       for k, (panel, title) in enumerate(zip(panels, titles)):
         ax = axes[i, 3 * j + k]
-        ax.imshow(panel, cmap="gray_r" if modality == "pet" else "gray", vmin=0, vmax=1, interpolation="nearest")
+        ax.imshow(panel, cmap="gray_r" if modality == "pet" else "gray", vmin=-1, vmax=1, interpolation="nearest")
         ax.set_axis_off()
         if i == 0:
           ax.set_title(f"{modality.upper()} {title}", fontsize=8)

@@ -100,6 +100,7 @@ def default_slab_config() -> ml_collections.ConfigDict:
   c.fit = "crop"             # "crop": random (train) / centre (eval) crop, padded where the plane is smaller;
                              # "resize": whole plane scaled to fit (H, W), aspect ratio kept, rest padded
   c.with_label = False       # also return the lesion label slab (downstream segmentation)
+  c.body_hu = -500.0         # random slabs lie within the slices holding CT > body_hu (-2000: anywhere)
   return _common_config(c)
 
 
@@ -328,8 +329,11 @@ def _intensities(ct: np.ndarray, suv: np.ndarray, cfg: ml_collections.ConfigDict
 
 
 def _plane_and_depth(shape: Sequence[int], cfg: ml_collections.ConfigDict, depth: int,
-                     rng: np.random.Generator | None) -> tuple[np.ndarray, np.ndarray]:
-  """(scale, offset) over view axes (H, W, D) for a (H, W, depth) sample of a view volume of `shape`."""
+                     rng: np.random.Generator | None, depth_range: tuple[int, int] | None = None
+                     ) -> tuple[np.ndarray, np.ndarray]:
+  """(scale, offset) over view axes (H, W, D) for a (H, W, depth) sample of a view volume of `shape`.
+
+  Random slabs start within `depth_range` = (first, last) slice along D when given (the body's extent)."""
   plane = np.asarray(cfg.plane_size, np.float64)
   size = np.asarray(shape[:2], np.float64)
   zoom, shift = _jitter(cfg, rng, 3)
@@ -340,7 +344,11 @@ def _plane_and_depth(shape: Sequence[int], cfg: ml_collections.ConfigDict, depth
     free = np.maximum(size - extent, 0) / 2
     centre = centre + rng.uniform(-free, free)
   free_depth = shape[2] - depth
-  start = rng.integers(min(free_depth, 0), max(free_depth, 0) + 1) if rng is not None else free_depth // 2
+  lo, hi = min(free_depth, 0), max(free_depth, 0)
+  if depth_range is not None and free_depth > 0:
+    lo = int(np.clip(depth_range[0], 0, free_depth))
+    hi = int(np.clip(depth_range[1] - depth + 1, lo, free_depth))
+  start = rng.integers(lo, hi + 1) if rng is not None else free_depth // 2
   centre = np.append(centre + shift[:2], start + (depth - 1) / 2)
   return _axis_transform(centre, (*cfg.plane_size, depth), np.array([step, step, 1.0]),
                          _flip_signs(_VIEW_AXES[cfg.view][0], cfg, rng))
@@ -357,9 +365,11 @@ class _SlabSampler:
     cfg = self.cfg
     record = self.split.read(index, self.split.fields("ct", "suv", *(("label",) if cfg.with_label else ())))
     volumes = {k: to_view(record[k], cfg.view) for k in ("ct", "suv", "label") if k in record}
+    body = np.flatnonzero((volumes["ct"] > cfg.body_hu).any(axis=(0, 1)))
+    body_range = (int(body[0]), int(body[-1])) if body.size else None
     samples = []
     for _ in range(self.count):
-      scale, offset = _plane_and_depth(volumes["ct"].shape, cfg, cfg.depth, rng)
+      scale, offset = _plane_and_depth(volumes["ct"].shape, cfg, cfg.depth, rng, body_range)
       out_shape = (*cfg.plane_size, cfg.depth)
       ct, valid = resample_diagonal(volumes["ct"], scale, offset, out_shape, 1, CT_PAD_HU)
       suv, _ = resample_diagonal(volumes["suv"], scale, offset, out_shape, 1, 0.0)
