@@ -53,7 +53,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.batch_size = sizes["batch_size"] if args.task == "lesions" else sizes["staging_batch"]
   c.dtype = "float32"
   c.distributed = False
-  c.foreground_fraction = 0.5                          # lesion-centred training slabs
+  c.foreground_fraction = 0.33                         # lesion-centred training slabs
 
   c.data = pipelines.default_slab_config()
   c.data.view = args.view

@@ -30,9 +30,9 @@ SPACING = 3.0
 # Tiny fine-tuning run on the phantom cohort: coronal view of a 16 × 14 × 30 grid, 16 × 8 × 2 slabs.
 OVERRIDES = {"model.patch_size": (4, 4), "model.width": 32, "model.depth": 2, "model.num_heads": 4,
              "model.mlp_dim": 64, "data.plane_size": (16, 8), "data.depth": 2, "head.features": 4,
-             "batch_size": 8, "total_steps": 40, "optim.warmup_steps": 2, "optim.lr": 3e-3,
-             "checkpoint.every_steps": 20, "log_every_steps": 10, "eval.batch_size": 16,
-             "mesh": [("data", 1), ("fsdp", 1), ("tensor", 1)], "staging.max_slabs": 4}
+             "batch_size": 8, "total_steps": 80, "foreground_fraction": 0.2, "optim.warmup_steps": 2, "optim.lr": 3e-3,
+             "checkpoint.every_steps": 40, "log_every_steps": 10, "eval.batch_size": 16,
+             "staging.max_slabs": 4}
 
 
 def backbone(method="fratmae"):
@@ -183,6 +183,24 @@ def test_layer_wise_lr_decay_multipliers():
 # ------------------------------------------------------------------------------------------------ cohort
 
 
+def lesion_phantom(seed: int, shape=(24, 20, 30)) -> dict[str, np.ndarray]:
+  """A study for learning tests: body (SUV ~1) with 2–3 hot spherical lesions (SUV 5–9, radius 6–8 mm) at
+  random places; CT soft tissue in the body. Arrays (X, Y, Z) on the 2 × 2 × 3 mm grid of test_convert."""
+  rng = np.random.default_rng(100 + seed)
+  grid = np.indices(shape, dtype=np.float64)
+  rel = [(grid[a] - (shape[a] - 1) / 2) / shape[a] for a in range(3)]
+  body = rel[0] ** 2 + rel[1] ** 2 + (rel[2] / 1.3) ** 2 < 0.2
+  seg = np.zeros(shape, np.uint8)
+  mm = np.array([2.0, 2.0, 3.0])[:, None, None, None]
+  for _ in range(rng.integers(2, 4)):
+    centre = rng.uniform(0.3, 0.7, 3) * shape
+    seg[np.linalg.norm((grid - centre[:, None, None, None]) * mm, axis=0) <= rng.uniform(6, 8)] = 1
+  seg &= body
+  ct = np.where(body, 40.0, -1000.0) + rng.normal(0, 15, shape)
+  suv = 0.05 + 1.0 * body + rng.uniform(5, 9) * seg + rng.normal(0, 0.1, shape)
+  return {"ct": ct.astype(np.int16), "suv": np.clip(suv, 0, None).astype(np.float32), "seg": seg}
+
+
 def finetune_config(arg, **overrides):
   spec = os.path.join(REPO, "experiments", "finetune.py") + ":" + arg
   return config_lib.load_config(spec, {**OVERRIDES, **overrides})
@@ -190,11 +208,11 @@ def finetune_config(arg, **overrides):
 
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
-  """Eight phantom patients (two lesions each, Ann Arbor stage from the patient number) → records at 3 mm."""
+  """Eight phantom patients (Ann Arbor stage from the patient number) → records at 3 mm."""
   root = tmp_path_factory.mktemp("cohort")
   nifti, out = root / "nifti", root / "records"
   for i in range(8):
-    write_autopet(str(nifti), f"P{i}", "s0", phantom(i), meta={"stage": 1 + i % 4, "patient_id": f"P{i}"})
+    write_autopet(str(nifti), f"P{i}", "s0", lesion_phantom(i), meta={"stage": 1 + i % 4, "patient_id": f"P{i}"})
   config = convert_configs.get_config()
   config.update(spacing=(SPACING,) * 3, val_fraction=0.0, test_fraction=0.3, seed=1)
   summary = convert.convert(str(nifti), str(out), config, workers=1, progress=False)
@@ -238,7 +256,7 @@ def test_tiny_finetune_improves_dice_over_the_untrained_head(cohort, lesion_run)
     untrained = finetune.evaluate(config, setup, setup.init(jax.random.key(0), None)["params"])
   trained = lesion_run["results"]
   assert len(trained["studies"]) >= 1 and {"dice", "fpv_ml", "fnv_ml", "hd95_mm"} <= set(trained)
-  assert trained["dice"] > untrained["dice"] + 0.2, (trained["dice"], untrained["dice"])
+  assert trained["dice"] > untrained["dice"] + 0.15, (trained["dice"], untrained["dice"])
   saved = json.load(open(os.path.join(lesion_run["workdir"], "results.json")))
   assert saved["dice"] == pytest.approx(trained["dice"])
 
@@ -249,7 +267,7 @@ def test_rerun_of_a_finished_run_resumes_and_reevaluates(lesion_run):
 
 
 def test_predict_lesions_cli_writes_a_mask_in_the_input_geometry(cohort, lesion_run, tmp_path):
-  volumes = phantom(11)
+  volumes = lesion_phantom(11)
   lps, affine = reoriented(volumes, AFFINE, flips=(True, True, False))
   folder = write_autopet(str(tmp_path / "study"), "P", "s", {k: v for k, v in lps.items() if k != "seg"}, affine)
   out = str(tmp_path / "pred" / "mask.nii.gz")
@@ -278,7 +296,7 @@ def test_predict_lesions_bad_input_gives_one_line(cohort, lesion_run, tmp_path, 
 
 def test_staging_runs_end_to_end_on_a_few_studies(cohort, tmp_path):
   config = finetune_config("tiny,task=staging,protocol=scratch,fraction=0.5", data_dir=cohort["records"],
-                           total_steps=6, batch_size=2, **{"staging.aggregation": "attention"})
+                           total_steps=6, batch_size=8, **{"staging.aggregation": "attention"})
   results = finetune.train(config, str(tmp_path / "staging"))
   assert results["task"] == "staging" and 0 <= results["accuracy"] <= 1
   assert {"macro_f1", "macro_auc", "n"} <= set(results)
