@@ -283,7 +283,8 @@ def _study_metadata(study: Study, table: ClinicalTable | None) -> tuple[Study, d
     meta = {k.lower(): v for k, v in meta.items()}
     if meta.get("patient_id"):
       study = dataclasses.replace(study, patient_id=str(meta["patient_id"]))
-    values.update({k: v for k, v in meta.items() if k in _CSV_FIELDS and not _missing(v)})
+    values.update({field: meta[name] for field, names in _CSV_FIELDS.items() for name in reversed(names)
+                   if name in meta and not _missing(meta[name])})
   if table is not None:
     row = {k: v for k, v in table.lookup(study).items() if not _missing(v)}
     sources += [os.path.basename(table.path)] if row else []

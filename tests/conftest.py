@@ -13,5 +13,7 @@ import pathlib
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-TOTALSEG_DIR = REPO.parent / "shared" / "data" / "totalseg"
+# The real CT fixtures; PETFM_TOTALSEG_DIR points elsewhere (e.g. from a git worktree).
+TOTALSEG_DIR = pathlib.Path(os.environ.get(
+    "PETFM_TOTALSEG_DIR") or REPO.parent / "shared" / "data" / "totalseg")
 GOLDEN_DIR = REPO / "tests" / "golden"
