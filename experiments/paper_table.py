@@ -45,15 +45,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.seeds = s["seeds"]
   c.fractions = (0.1, 1.0)
   c.cohort_patients = s["cohort"]
-  # Overrides of experiments/fratmae.py:tiny for the pretraining runs.
-  c.pretrain = dict(total_steps=s["pretrain_steps"], batch_size=8, **{
-      "data.plane_size": (64, 64), "checkpoint.every_steps": max(10, s["pretrain_steps"] // 2),
-      "image_every_steps": 0, "log_every_steps": 10, "optim.warmup_steps": min(10, s["pretrain_steps"] // 2)})
-  # Overrides of experiments/finetune.py:tiny per task.
-  c.lesions = {"total_steps": s["lesion_steps"], "batch_size": 8, "eval.max_studies": 0,
-               "optim.warmup_steps": min(5, s["lesion_steps"] // 2), "checkpoint.every_steps": 30}
-  c.staging = {"total_steps": s["staging_steps"], "batch_size": 8, "staging.max_slabs": 4,
-               "optim.warmup_steps": min(5, s["staging_steps"] // 2), "checkpoint.every_steps": 30}
+  # Dotted-name overrides, as (name, value) pairs: of experiments/fratmae.py:tiny for the pretraining runs,
+  # and of experiments/finetune.py:tiny per task.
+  c.pretrain = (("total_steps", s["pretrain_steps"]), ("batch_size", 8), ("data.plane_size", (64, 64)),
+                ("checkpoint.every_steps", max(10, s["pretrain_steps"] // 2)), ("image_every_steps", 0),
+                ("optim.warmup_steps", min(10, s["pretrain_steps"] // 2)))
+  c.lesions = (("total_steps", s["lesion_steps"]), ("batch_size", 8), ("eval.overlap", 0.25),
+               ("optim.warmup_steps", min(5, s["lesion_steps"] // 2)), ("checkpoint.every_steps", 30))
+  c.staging = (("total_steps", s["staging_steps"]), ("batch_size", 8), ("staging.max_slabs", 4),
+               ("optim.warmup_steps", min(5, s["staging_steps"] // 2)), ("checkpoint.every_steps", 30))
   return c
 
 

@@ -33,13 +33,15 @@ def _slug(name: str) -> str:
 
 
 def ensure_cohort(data_dir: str, patients: int) -> None:
-  """Generates and converts the synthetic cohort when `data_dir` holds no dataset."""
+  """Generates and converts the synthetic cohort when `data_dir` holds no dataset (30 % of the patients in the
+  test split, so that staging metrics have a few studies per class)."""
   if os.path.exists(os.path.join(data_dir, records.MANIFEST)):
     return
   nifti = data_dir.rstrip("/") + "_nifti"
   run = lambda *args: subprocess.run([sys.executable, "-m", *args], cwd=REPO, check=True)
   run("data_prep.synthetic", "--out", nifti, "--n", str(patients), "--seed", "0")
-  run("data_prep.convert", "--input", nifti, "--output", data_dir)
+  run("data_prep.convert", "--input", nifti, "--output", data_dir, "--config.val_fraction=0",
+      "--config.test_fraction=0.3")
 
 
 def pretrain_run(table: Any, method: str, view: str, data_dir: str, workdir: str) -> str:
@@ -47,7 +49,7 @@ def pretrain_run(table: Any, method: str, view: str, data_dir: str, workdir: str
   folder = os.path.join(workdir, "pretrain", f"{method}_{view}")
   if not os.path.exists(os.path.join(folder, "done.json")):
     config = config_lib.load_config(os.path.join(REPO, "experiments", f"fratmae.py:tiny,method={method},view={view}"),
-                                    {**table.pretrain, "data_dir": data_dir})
+                                    {**dict(table.pretrain), "data_dir": data_dir})
     metrics = pretrain.train(config, folder)
     records.write_atomic(os.path.join(folder, "done.json"), json.dumps(metrics))
   return folder
@@ -62,7 +64,7 @@ def finetune_run(table: Any, task: str, protocol: str, method: str, view: str, f
       return json.load(f)
   arg = f"tiny,task={task},protocol={protocol},method={method},view={view},fraction={fraction}"
   config = config_lib.load_config(os.path.join(REPO, "experiments", f"finetune.py:{arg}"),
-                                  {**table[task], "data_dir": data_dir, "seed": seed, "init_from": init_from})
+                                  {**dict(table[task]), "data_dir": data_dir, "seed": seed, "init_from": init_from})
   return finetune.train(config, folder)
 
 
@@ -127,8 +129,9 @@ def _plot(table: Any, results: dict[str, Any], path: str) -> None:
   for ax, (key, title) in zip(axes, panels):
     for i, fraction in enumerate(table.fractions):
       values = [results[n].get(f"{key}@{fraction:g}", []) for n in names]
-      means = [np.nanmean(v) if v else np.nan for v in values]
-      stds = [np.nanstd(v) if len(v) > 1 else 0.0 for v in values]
+      stats = [metrics_lib.aggregate([{"v": x} for x in v]).get("v", {}) for v in values]
+      means = [s.get("mean", np.nan) for s in stats]
+      stds = [0.0 if np.isnan(s.get("std", np.nan)) else s["std"] for s in stats]
       ax.bar(np.arange(len(names)) + i * width, means, width, yerr=stds, label=f"{int(fraction * 100)} % labels")
     ax.set_xticks(np.arange(len(names)) + width * (len(table.fractions) - 1) / 2)
     ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
