@@ -51,6 +51,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                 ("checkpoint.every_steps", max(10, s["pretrain_steps"] // 2)), ("image_every_steps", 0),
                 ("optim.warmup_steps", min(10, s["pretrain_steps"] // 2)))
   c.lesions = (("total_steps", s["lesion_steps"]), ("batch_size", 8), ("eval.overlap", 0.25),
+               ("eval.max_studies", 3),
                ("optim.warmup_steps", min(5, s["lesion_steps"] // 2)), ("checkpoint.every_steps", 30))
   c.staging = (("total_steps", s["staging_steps"]), ("batch_size", 8), ("staging.max_slabs", 4),
                ("optim.warmup_steps", min(5, s["staging_steps"] // 2)), ("checkpoint.every_steps", 30))
