@@ -1,0 +1,449 @@
+"""Downstream fine-tuning: `petfm finetune --config experiments/finetune.py:tiny,task=lesions --workdir DIR`.
+
+Tasks: `lesions` (per-voxel lesion segmentation of slabs, Dice + BCE, evaluated on whole volumes by sliding
+windows) and `staging` (Ann Arbor I–IV per study from all its slabs, cross-entropy). Protocols: `linear`
+(encoders frozen, gradients stop at their outputs), `finetune` (all params, layer-wise lr decay
+`optim.layer_decay`), `scratch` (random init, no decay). `label_fraction` keeps a seeded subset of the training
+patients. `init_from` loads the encoders of a pretraining run (its latest checkpoint); the backbone config and
+the data view/normalisation then come from that run's config.json.
+
+Trainer order as in `pretrain.py`: set-up → mesh → data → model, init and shardings → step → checkpoint (resume
+or init) → loop → evaluation. Rerunning in the same workdir resumes (training batches derive from (seed, step),
+so a resumed run sees the batches an uninterrupted one would) and a finished run is only re-evaluated.
+The workdir gets `config.json`, `checkpoints/`, `metrics.jsonl`, TensorBoard events and `results.json`
+(aggregate metrics on `eval.split`, plus per-study rows).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from absl import flags
+from jax.sharding import Mesh
+
+from petfm import config as config_lib
+from petfm.data import geometry, pipelines, records
+from petfm.downstream import data as ddata
+from petfm.downstream import lesions
+from petfm.errors import UserError
+from petfm.eval import metrics as metrics_lib
+from petfm.models import fratmae, heads
+from petfm.train import common
+
+TASKS = ("lesions", "staging")
+PROTOCOLS = ("linear", "finetune", "scratch")
+ENCODERS = ("encoder", "pet_encoder", "ct_encoder")
+
+
+# ------------------------------------------------------------------------------------------------ config
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  config_lib.check_choice(config, "task", TASKS)
+  config_lib.check_choice(config, "protocol", PROTOCOLS)
+  config_lib.check_choice(config, "head.kind", heads.SEG_HEADS)
+  config_lib.check_choice(config, "staging.aggregation", heads.AGGREGATIONS)
+  config_lib.check_choice(config, "staging.classes", tuple(ddata.NUM_STAGE_CLASSES))
+  config_lib.check(0 < config.label_fraction <= 1, "label_fraction", f"must be in (0, 1], got {config.label_fraction}")
+  config_lib.check(config.total_steps > 0, "total_steps", f"must be > 0, got {config.total_steps}")
+  config_lib.check(config.batch_size > 0, "batch_size", f"must be > 0, got {config.batch_size}")
+  config_lib.check(0 < config.optim.layer_decay <= 1, "optim.layer_decay", "must be in (0, 1]")
+  config_lib.check(0 <= config.eval.overlap < 1, "eval.overlap", "must be in [0, 1)")
+  config_lib.check(config.protocol != "linear" or bool(config.init_from), "init_from",
+                   "protocol=linear probes a pretrained encoder; set --config.init_from=PRETRAIN_WORKDIR")
+  config_lib.check(config.protocol != "scratch" or not config.init_from, "init_from",
+                   "protocol=scratch trains from a random init; leave init_from empty")
+  config_lib.check_choice(config, "dtype", ("float32", "bfloat16"))
+  pipelines.check_config(config.data, "slab")
+
+
+def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The config with backbone and data settings taken from the pretraining run (when `init_from` is set)."""
+  if not config.init_from:
+    return config
+  path = os.path.join(config.init_from, "config.json")
+  if not os.path.exists(path):
+    raise UserError(f"--config.init_from {config.init_from}: no config.json; is it a `petfm pretrain` workdir?")
+  with open(path) as f:
+    pretrained = json.load(f)
+  out = ml_collections.ConfigDict(config.to_dict())
+  model = fratmae.default_config("tiny", pretrained["model"]["method"])
+  model.update({k: tuple(v) if isinstance(v, list) else v for k, v in pretrained["model"].items() if k in model})
+  out.model = model
+  for key in ("view", "depth", "ct_clip", "suv_clip", "suv_scale"):
+    value = pretrained["data"][key]
+    out.data[key] = tuple(value) if isinstance(value, list) else value
+  return out
+
+
+def load_encoders(workdir: str) -> dict[str, Any]:
+  """The encoder params (`encoder`, or `pet_encoder` and `ct_encoder`) of a pretraining run's latest checkpoint,
+  as numpy arrays."""
+  directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+  if not os.path.isdir(directory):
+    raise UserError(f"--config.init_from {workdir}: no checkpoints/ folder; is it a `petfm pretrain` workdir?")
+  manager = ocp.CheckpointManager(directory)
+  step = manager.latest_step()
+  if step is None:
+    raise UserError(f"--config.init_from {workdir}: holds no finished checkpoint")
+  state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+  manager.close()
+  params = state["params"]
+  return {k: jax.tree.map(np.asarray, params[k]) for k in ENCODERS if k in params}
+
+
+# ------------------------------------------------------------------------------------------------ model
+
+
+def make_model(config: ml_collections.ConfigDict) -> nn.Module:
+  backbone = fratmae.model_from_config(config.model, config.data, dtype=config.dtype)
+  frozen = config.protocol == "linear"
+  if config.task == "lesions":
+    layers = None if config.head.layers is None else tuple(config.head.layers)
+    return heads.LesionSegmenter(backbone, config.head.kind, config.head.features, layers, frozen)
+  return heads.Stager(backbone, ddata.NUM_STAGE_CLASSES[config.staging.classes], config.staging.aggregation,
+                      config.staging.hidden, frozen)
+
+
+def layer_id(path: tuple, depth: int) -> int:
+  """Layer index for layer-wise lr decay: patch embedding 0, encoder block i → i + 1, everything after the
+  last block (final norm, head) depth + 1."""
+  names = [str(getattr(k, "key", k)) for k in path]
+  if "backbone" not in names:
+    return depth + 1
+  if "patch_embed" in names:
+    return 0
+  blocks = [n for n in names if n.startswith("block_")]
+  return int(blocks[0].split("_")[1]) + 1 if blocks else depth + 1
+
+
+def scale_by_tree(multipliers: Any) -> optax.GradientTransformation:
+  """Multiplies each update leaf by its constant multiplier."""
+  return optax.GradientTransformation(
+      lambda params: optax.EmptyState(),
+      lambda updates, state, params=None: (jax.tree.map(lambda u, m: u * m, updates, multipliers), state))
+
+
+def make_optimizer(config: ml_collections.ConfigDict, params: Any) -> tuple[optax.GradientTransformation, Callable]:
+  """`common.make_optimizer` + the protocol: linear → backbone updates are zero (no optimizer state for it);
+  finetune → lr × layer_decay^(depth + 1 - layer id); scratch → plain."""
+  tx, schedule = common.make_optimizer(config.optim, config.total_steps)
+  depth = config.model.depth
+  if config.protocol == "finetune" and config.optim.layer_decay < 1:
+    decay = config.optim.layer_decay
+    multipliers = jax.tree_util.tree_map_with_path(
+        lambda path, _: decay ** (depth + 1 - layer_id(path, depth)), params)
+    tx = optax.chain(tx, scale_by_tree(multipliers))
+  if config.protocol == "linear":
+    labels = {k: "frozen" if k == "backbone" else "train" for k in params}
+    tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+  return tx, schedule
+
+
+@dataclasses.dataclass
+class Setup:
+  model: nn.Module
+  mesh: Mesh
+  rules: tuple
+  schedule: Callable
+  abstract_state: Any
+  state_shardings: Any
+  init: Callable       # (rng key, pretrained encoder params or None) → train state
+  step: Callable       # (state, batch) → (state, metrics)
+  predict: Callable    # (params, *inputs) → lesion probabilities (B, H, W, D) or stage probabilities (B, C)
+
+
+def _inputs(config, batch) -> tuple:
+  if config.task == "lesions":
+    return batch["pet"], batch["ct"]
+  return batch["pet"], batch["ct"], batch["slab_valid"]
+
+
+def build(config: ml_collections.ConfigDict, mesh: Mesh, example: dict[str, np.ndarray],
+          pretrained: dict[str, Any] | None = None) -> Setup:
+  """Model, optimizer, shardings and jitted init/step/predict; `example` (a batch) fixes the input shapes."""
+  rules = common.rules_tuple(config.sharding_rules)
+  model = make_model(config)
+  example = {k: v[:1] for k, v in example.items()}
+
+  def init_params(rng):
+    return model.init({"params": rng}, *_inputs(config, example))["params"]
+
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    boxed_params = jax.eval_shape(init_params, jax.random.key(0))
+  if pretrained is not None:
+    expected = nn.unbox(boxed_params)["backbone"]
+    for name, tree in pretrained.items():
+      got = jax.tree.map(np.shape, tree)
+      want = jax.tree.map(lambda x: x.shape, expected.get(name))
+      if name not in expected or got != want:
+        raise UserError(f"--config.init_from: the pretrained {name} does not match the backbone config")
+  tx, schedule = make_optimizer(config, nn.unbox(boxed_params))
+
+  def init_state(rng, encoders):
+    params = init_params(rng)
+    if encoders is not None:
+      backbone = dict(params["backbone"])
+      for name, tree in encoders.items():
+        backbone[name] = jax.tree.map(
+            lambda box, value: box.replace_boxed(value) if isinstance(box, nn.Partitioned) else value,
+            backbone[name], tree, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+      params = {**params, "backbone": backbone}
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(nn.unbox(params))}
+
+  def loss_fn(params, batch, rng):
+    del rng
+    out = model.apply({"params": params}, *_inputs(config, batch))
+    if config.task == "lesions":
+      return lesions.dice_bce_loss(out, batch["label"], batch["valid"])
+    logits = out[0]
+    loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, batch["stage"]))
+    accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["stage"])
+    return loss, {"loss": loss, "accuracy": accuracy}
+
+  def train_step(state, batch):
+    grads, metrics = common.accumulate_gradients(loss_fn, state["params"], batch, jax.random.key(0),
+                                                 config.optim.accum_steps)
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    metrics.update(grad_norm=optax.global_norm(grads), lr=schedule(state["step"]))
+    return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
+
+  def predict(params, *inputs):
+    out = model.apply({"params": params}, *inputs)
+    return jax.nn.sigmoid(out) if config.task == "lesions" else jax.nn.softmax(out[0], axis=-1)
+
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    boxed = jax.eval_shape(lambda rng: init_state(rng, None), jax.random.key(0))
+    shardings = common.shardings_for(boxed, mesh, rules)
+    init = jax.jit(lambda rng, enc: nn.unbox(init_state(rng, enc)), out_shardings=shardings)
+    step = jax.jit(train_step, in_shardings=(shardings, common.batch_sharding(mesh)),
+                   out_shardings=(shardings, common.replicated(mesh)), donate_argnums=0)
+    predict_jit = jax.jit(predict)
+  return Setup(model, mesh, rules, schedule, nn.unbox(boxed), shardings, init, step, predict_jit)
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+def window(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
+  return (*config.data.plane_size, config.data.depth)
+
+
+def train_studies(config: ml_collections.ConfigDict) -> list[ddata.Study]:
+  """The labelled training studies: every study of the seeded `label_fraction` subset of training patients."""
+  patients = ddata.split_patients(config.data_dir, "train")
+  if not patients:
+    raise UserError(f"{config.data_dir}: the train split has no studies")
+  chosen = ddata.labelled_subset(patients, config.label_fraction, config.seed)
+  studies = ddata.read_studies(config.data_dir, "train", config.data, chosen)
+  if config.task == "staging":
+    studies = [s for s in studies if s.stage in (1, 2, 3, 4)]
+    if not studies:
+      raise UserError(f"{config.data_dir}: no training study of the chosen patients has a known Ann Arbor stage")
+  return studies
+
+
+class Batches:
+  """Training batches as a function of the step (deterministic, so resuming needs no iterator state)."""
+
+  def __init__(self, config: ml_collections.ConfigDict, studies: list[ddata.Study]):
+    self.config, self.studies = config, studies
+    self.pad = ddata.pad_values(config.data)
+    if config.task == "staging":
+      self.stacks = [ddata.study_stack(s, window(config), config.staging.max_slabs, self.pad) for s in studies]
+      self.stages = np.array([ddata.stage_index(s.stage, config.staging.classes) for s in studies], np.int32)
+
+  def __call__(self, step: int) -> dict[str, np.ndarray]:
+    config = self.config
+    rng = np.random.default_rng([config.seed, step])
+    if config.task == "lesions":
+      return ddata.sample_slabs(self.studies, window(config), config.batch_size, rng, self.pad,
+                                config.foreground_fraction)
+    picks = rng.integers(len(self.stacks), size=config.batch_size)
+    batch = {k: np.stack([self.stacks[i][k] for i in picks]) for k in ("pet", "ct", "slab_valid")}
+    batch["stage"] = self.stages[picks]
+    return batch
+
+
+# ------------------------------------------------------------------------------------------------ train
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains (resuming if `workdir` has checkpoints), evaluates on `eval.split`; returns the results dict."""
+  config = resolve(config)
+  validate(config)
+
+  # ------------------------------------------------------------------ set-up
+  common.initialize_distributed(config)
+  os.makedirs(workdir, exist_ok=True)
+  spacing = records.read_manifest(config.data_dir)["spacing"]
+  if jax.process_index() == 0:
+    saved = config.to_dict()
+    saved["spacing"] = spacing
+    records.write_atomic(os.path.join(workdir, "config.json"), json.dumps(saved, indent=2, default=list))
+
+  # ------------------------------------------------------------------ mesh
+  mesh = common.create_mesh(config.mesh)
+  common.check_batch_divisible(config.batch_size, mesh, config.optim.accum_steps)
+
+  # ------------------------------------------------------------------ data
+  batches = Batches(config, train_studies(config))
+  example = batches(0)
+
+  # ------------------------------------------------------------------ model, optimizer, shardings, step
+  pretrained = load_encoders(config.init_from) if config.init_from else None
+  setup = build(config, mesh, example, pretrained)
+
+  # ------------------------------------------------------------------ checkpoint: resume or init
+  ckpt = common.Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint.every_steps,
+                             config.checkpoint.keep, config.checkpoint.async_save)
+  start_step = ckpt.latest_step() or 0
+  logger = common.MetricsLogger(workdir, config.total_steps, start_step)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(setup.rules):
+    if start_step:
+      logger.message(f"resuming from the checkpoint at step {start_step} in {ckpt.directory}")
+      state = ckpt.restore(start_step, common.abstract_with_shardings(setup.abstract_state, setup.state_shardings))
+    else:
+      state = setup.init(jax.random.key(config.seed), pretrained)
+
+  # ------------------------------------------------------------------ loop
+  last_good = start_step or None
+  with jax.set_mesh(mesh), nn.logical_axis_rules(setup.rules):
+    steps_since = 0
+    for step in range(start_step, config.total_steps):
+      state, metrics = setup.step(state, common.global_batch(batches(step), mesh))
+      steps_since += 1
+      done = step + 1
+      save_now = ckpt.should_save(done) or done == config.total_steps
+      if done % config.log_every_steps == 0 or save_now:
+        host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        common.check_finite(host, done, last_good)
+        logger.write(done, host, advance=steps_since)
+        steps_since = 0
+      if save_now:
+        ckpt.save(done, state, force=True)
+        last_good = done
+  ckpt.close()
+  logger.close()
+
+  # ------------------------------------------------------------------ evaluation
+  results = evaluate(config, setup, state["params"])
+  if jax.process_index() == 0:
+    records.write_atomic(os.path.join(workdir, "results.json"), json.dumps(results, indent=1, default=float))
+  return results
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+
+
+def predict_volume(config: ml_collections.ConfigDict, setup: Setup, params: Any, study: ddata.Study) -> np.ndarray:
+  """Lesion probability (X, Y, Z) of a whole study on its stored canonical grid (sliding window in the view)."""
+  size = config.eval.batch_size
+
+  def predict(pet, ct):
+    n = len(pet)
+    fill = lambda x: np.concatenate([x, np.repeat(x[-1:], size - n, axis=0)]) if n < size else x
+    with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
+      return np.asarray(setup.predict(params, fill(pet), fill(ct)))[:n]
+
+  prob = lesions.sliding_window_probabilities(predict, study.pet, study.ct, window(config), config.eval.overlap,
+                                              size, ddata.pad_values(config.data))
+  return np.ascontiguousarray(pipelines.from_view(prob, config.data.view))
+
+
+def evaluate(config: ml_collections.ConfigDict, setup: Setup, params: Any) -> dict[str, Any]:
+  """Metrics on `eval.split`: lesions → per-study Dice, FPV, FNV, HD95, NSD on the stored grid (and means);
+  staging → accuracy, macro-F1, one-vs-rest AUC over studies with a known stage."""
+  studies = ddata.read_studies(config.data_dir, config.eval.split, config.data)
+  if config.eval.max_studies:
+    studies = studies[:config.eval.max_studies]
+  if not studies:
+    raise UserError(f"{config.data_dir}: split {config.eval.split!r} has no studies to evaluate on")
+  if config.task == "lesions":
+    rows = []
+    for study in studies:
+      prob = predict_volume(config, setup, params, study)
+      truth = pipelines.from_view(study.label, config.data.view)
+      row = lesions.study_metrics(prob >= config.eval.threshold, truth, study.spacing)
+      rows.append({"study_id": study.study_id, **row})
+    return {"task": "lesions", "split": config.eval.split, **lesions.summarize(rows), "studies": rows}
+  pad = ddata.pad_values(config.data)
+  studies = [s for s in studies if s.stage in (1, 2, 3, 4)]
+  if not studies:
+    raise UserError(f"{config.data_dir}: no {config.eval.split} study has a known Ann Arbor stage")
+  scores = []
+  for study in studies:
+    stack = ddata.study_stack(study, window(config), config.staging.max_slabs, pad)
+    with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
+      scores.append(np.asarray(setup.predict(params, stack["pet"][None], stack["ct"][None],
+                                             stack["slab_valid"][None]))[0])
+  labels = np.array([ddata.stage_index(s.stage, config.staging.classes) for s in studies])
+  result = metrics_lib.classification_metrics(np.stack(scores), labels)
+  return {"task": "staging", "split": config.eval.split, **result}
+
+
+def load_finetuned(workdir: str) -> tuple[ml_collections.ConfigDict, Setup, Any]:
+  """(config, setup on a one-device mesh, latest params) of a `petfm finetune` workdir."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(path):
+    raise UserError(f"--checkpoint {workdir}: no config.json; expected a `petfm finetune` workdir")
+  with open(path) as f:
+    saved = json.load(f)
+  spacing = saved.pop("spacing", None)
+  config = ml_collections.ConfigDict(saved)
+  for node, key in ((config.model, "patch_size"), (config.data, "plane_size")):
+    node[key] = tuple(node[key])
+  config.init_from = ""          # the params come from the fine-tuning checkpoint
+  config.spacing = spacing
+  mesh = common.create_mesh([("data", 1), ("fsdp", 1), ("tensor", 1)], jax.local_devices()[:1])
+  h, w, d = window(config)
+  if config.task == "lesions":
+    example = {"pet": np.zeros((1, h, w, d), np.float32), "ct": np.zeros((1, h, w, d), np.float32)}
+  else:
+    s = config.staging.max_slabs
+    example = {"pet": np.zeros((1, s, h, w, d), np.float32), "ct": np.zeros((1, s, h, w, d), np.float32),
+               "slab_valid": np.ones((1, s), bool)}
+  setup = build(config, mesh, example)
+  ckpt = common.Checkpointer(os.path.join(workdir, "checkpoints"), 1, 1)
+  step = ckpt.latest_step()
+  if step is None:
+    raise UserError(f"--checkpoint {workdir}: holds no finished checkpoint")
+  with jax.set_mesh(mesh), nn.logical_axis_rules(setup.rules):
+    state = ckpt.restore(step, common.abstract_with_shardings(setup.abstract_state, setup.state_shardings))
+  ckpt.close()
+  return config, setup, state["params"]
+
+
+def demo(data_dir: str, pretrain_workdir: str, workdir: str, steps: int = 150) -> dict[str, Any]:
+  """`make demo`: fine-tunes a tiny UNETR lesion head on the cohort in `data_dir` from the encoders of
+  `pretrain_workdir`, prints Dice / FPV / FNV on the test split and returns the results."""
+  config = config_lib.load_config(os.path.join(os.path.dirname(__file__), "..", "..", "experiments",
+                                               "finetune.py:tiny,task=lesions,protocol=finetune"),
+                                  {"data_dir": data_dir, "init_from": pretrain_workdir, "total_steps": steps})
+  results = train(config, workdir)
+  print(f"lesion segmentation on the {results['split']} split ({len(results['studies'])} studies): "
+        f"Dice {results['dice']:.3f}, FPV {results['fpv_ml']:.1f} mL, FNV {results['fnv_ml']:.1f} mL")
+  return results
+
+
+def main(argv: list[str]) -> int:
+  def define(fv):
+    flags.DEFINE_string("workdir", None, "output folder: checkpoints, metrics, results.json", flag_values=fv)
+  parsed = config_lib.parse_command_line(argv, "finetune", define)
+  if not parsed.workdir:
+    raise UserError("--workdir is required")
+  results = train(parsed.config, parsed.workdir)
+  print(json.dumps({k: v for k, v in results.items() if k != "studies"}, default=float))
+  return 0
