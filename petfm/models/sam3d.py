@@ -399,36 +399,41 @@ class MaskDecoder3D(nn.Module):
     tokens = jnp.concatenate([out_tokens, sparse.astype(jnp.float32)], axis=1)
     src = (embedding + dense).reshape(b, g ** 3, c.prompt_dim)
     hs, src = TwoWayTransformer3D(c, name="transformer")(src, image_pe.reshape(g ** 3, c.prompt_dim)[None], tokens)
+    # The two stride-2 transposed convs act per voxel, so the features stay in a blocked layout
+    # (B, g, g, g, 2, 2, 2, 2, 2, 2, C/8) and only the final logits are interleaved to (B, 4g, 4g, 4g).
     up = _ConvTranspose2(c.prompt_dim // 4, dtype, name="output_upscaling_0")(src.reshape(b, g, g, g, -1))
     up = _gelu(vit.layer_norm("output_upscaling_1")(up))
     up = _gelu(_ConvTranspose2(c.prompt_dim // 8, dtype, name="output_upscaling_3")(up.astype(dtype)))
     hyper = [ReluMlp((c.prompt_dim, c.prompt_dim, c.prompt_dim // 8), dtype=dtype,
                      name=f"output_hypernetworks_mlps_{i}")(hs[:, 1 + i])
              for i in range(c.num_mask_tokens) if i == 0 or self.is_initializing()]
-    logits = jnp.einsum("bxyzc,bc->bxyz", up, hyper[0])
+    blocked = jnp.einsum("bnc,bc->bn", up.reshape(b, -1, up.shape[-1]), hyper[0])
+    logits = blocked.reshape(b, g, g, g, 2, 2, 2, 2, 2, 2).transpose(0, 1, 4, 7, 2, 5, 8, 3, 6, 9)
+    logits = logits.reshape(b, 4 * g, 4 * g, 4 * g)
     iou = ReluMlp((c.iou_hidden,) * (c.iou_depth - 1) + (c.num_mask_tokens,), dtype=dtype,
                   name="iou_prediction_head")(hs[:, 0])
     return logits, iou[:, 0]
 
 
 class _ConvTranspose2(nn.Module):
-  """ConvTranspose3d with kernel = stride = 2: (B, X, Y, Z, Cin) → (B, 2X, 2Y, 2Z, features).
-  Kernel layout (Cin, 2, 2, 2, features): output voxel (2x+i, 2y+j, 2z+k) = in[x, y, z] · kernel[:, i, j, k]."""
+  """ConvTranspose3d with kernel = stride = 2, in a blocked layout: (…, Cin) → (…, 2, 2, 2, features), where
+  sub-voxel (i, j, k) of input voxel (x, y, z) is output voxel (2x+i, 2y+j, 2z+k) of the torch layer.
+  Kernel (Cin, 2, 2, 2, features) = torch's (Cin, features, 2, 2, 2) permuted (no flip: the kernel never
+  overlaps itself at stride 2)."""
   features: int
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    b, nx, ny, nz, cin = x.shape
+    cin = x.shape[-1]
     kernel = _param(self, "kernel", nn.initializers.lecun_normal(in_axis=0, out_axis=-1),
                     ("conv_in", None, None, None, "conv_out"), (cin, 2, 2, 2, self.features))
     bias = _param(self, "bias", nn.initializers.zeros, ("conv_out",), (self.features,))
-    y = jnp.einsum("bxyzc,cijko->bxiyjzko", x.astype(self.dtype), kernel.astype(self.dtype),
-                   preferred_element_type=jnp.float32)
-    return y.reshape(b, 2 * nx, 2 * ny, 2 * nz, self.features) + bias
+    y = jnp.dot(x.astype(self.dtype), kernel.reshape(cin, -1).astype(self.dtype), preferred_element_type=jnp.float32)
+    return y.reshape(*x.shape[:-1], 2, 2, 2, self.features) + bias
 
 
-# ----------------------------------------------------------------------------------------------- the model
+# ------------------------------------------------------------------------------------------------ the model
 
 
 class Sam3D(nn.Module):
