@@ -3,9 +3,9 @@
 Only the globals needed to rebuild tensors and dicts are admitted (`collections.OrderedDict`, the typed storage
 classes, `torch._utils._rebuild_tensor_v2` / `_rebuild_parameter`); they are mapped to numpy, so no torch code and
 nothing named by the pickle is ever executed. A pickle that asks for any other global (e.g. `os.system`) is
-refused with a `UserError` naming it, unless `inert_objects=True`: then such objects (e.g. an `argparse.Namespace`
-of training arguments stored beside the weights) become inert placeholders that keep their arguments but never
-run anything.
+refused with a `UserError` naming it, unless it is admitted by `inert_objects` (True: any global; or a collection
+of qualified names such as {"argparse.Namespace"}): then such objects (e.g. an `argparse.Namespace` of training
+arguments stored beside the weights) become inert placeholders that keep their arguments but never run anything.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import pickle
 import zipfile
 from collections import OrderedDict
+from collections.abc import Collection
 from typing import Any
 
 import ml_dtypes
@@ -74,7 +75,8 @@ _ALLOWED = {
 
 class _RestrictedUnpickler(pickle.Unpickler):
 
-  def __init__(self, file, archive: zipfile.ZipFile, prefix: str, path: str, inert_objects: bool):
+  def __init__(self, file, archive: zipfile.ZipFile, prefix: str, path: str,
+               inert_objects: bool | Collection[str]):
     super().__init__(file)
     self._archive, self._prefix, self._path, self._inert = archive, prefix, path, inert_objects
     self._storages: dict[str, np.ndarray] = {}
@@ -82,7 +84,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
   def find_class(self, module: str, name: str) -> Any:
     if (module, name) in _ALLOWED:
       return _ALLOWED[(module, name)]
-    if self._inert:
+    if self._inert is True or (not isinstance(self._inert, bool) and f"{module}.{name}" in self._inert):
       return _inert_class(f"{module}.{name}")
     raise UserError(
         f"{self._path}: refusing to load: the pickle asks for '{module}.{name}', but only tensor data is admitted "
@@ -103,8 +105,9 @@ class _RestrictedUnpickler(pickle.Unpickler):
     return self._storages[key]
 
 
-def load(path: str, *, inert_objects: bool = False) -> Any:
-  """Loads a `torch.save` zip checkpoint into Python containers of numpy arrays (tensors → `np.ndarray`)."""
+def load(path: str, *, inert_objects: bool | Collection[str] = False) -> Any:
+  """Loads a `torch.save` zip checkpoint into Python containers of numpy arrays (tensors → `np.ndarray`).
+  `inert_objects`: True, or the qualified names of other globals to admit as `InertObject`s (module doc)."""
   try:
     archive = zipfile.ZipFile(path)
   except FileNotFoundError:

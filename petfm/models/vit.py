@@ -162,9 +162,9 @@ def dense(features: int, names: tuple[str | None, str | None], dtype: Dtype, par
                   bias_init=partitioned(nn.initializers.zeros, names[1:]))
 
 
-def layer_norm(name: str, param_dtype: Dtype = jnp.float32) -> nn.LayerNorm:
-  """LayerNorm, eps 1e-6, computed and returned in float32."""
-  return nn.LayerNorm(epsilon=1e-6, dtype=jnp.float32, param_dtype=param_dtype, name=name,
+def layer_norm(name: str, param_dtype: Dtype = jnp.float32, epsilon: float = 1e-6) -> nn.LayerNorm:
+  """LayerNorm (default eps 1e-6), computed and returned in float32."""
+  return nn.LayerNorm(epsilon=epsilon, dtype=jnp.float32, param_dtype=param_dtype, name=name,
                       scale_init=partitioned(nn.initializers.ones, ("norm",)),
                       bias_init=partitioned(nn.initializers.zeros, ("norm",)))
 

@@ -1,0 +1,71 @@
+"""Latency of SAM-Med3D vit_b_ori (random weights) on this machine: image encoder on one 128³ crop, and one
+prompt-encode + decode step with 1 click (zero mask prompt, the first click) and with 5 clicks plus the previous
+logits as mask prompt. Prints a table of medians and writes JSON.
+
+  PYTHONPATH=. python benchmarks/seganypet.py [--runs 7] [--dtype float32] [--out benchmarks/seganypet.json]
+
+Reference (official PyTorch code on the same 2-core CPU, from the issue): encoder ≈ 11.8 s, ≈ 21 ms per click.
+"""
+
+import argparse
+import json
+import os
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from petfm.models import sam3d
+from petfm.seganypet import Segmenter
+
+
+def _median_ms(fn, runs: int) -> tuple[float, list[float]]:
+  jax.block_until_ready(fn())                     # compile + warm up
+  times = []
+  for _ in range(runs):
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append((time.perf_counter() - start) * 1e3)
+  return float(np.median(times)), times
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--runs", type=int, default=7)
+  parser.add_argument("--dtype", default="float32", choices=list(sam3d.DTYPES))
+  parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "seganypet.json"))
+  args = parser.parse_args()
+  config = sam3d.get_config("vit_b_ori", dtype=args.dtype)
+  seg = Segmenter(config, jax.jit(lambda rng: sam3d.init_variables(config, rng))(jax.random.key(0)))
+  rng = np.random.default_rng(0)
+  crop = rng.standard_normal((128, 128, 128)).astype(np.float32)
+  embedding = seg.embed(crop)
+  points = jnp.asarray(rng.integers(0, 128, (1, 5, 3)).astype(np.float32))
+  labels = jnp.asarray([[1, 0, 1, 1, 0]], jnp.int32)
+  zeros = jnp.zeros((1, 32, 32, 32))
+  prev = seg._predict(seg.variables, embedding[None], points[:, :1], labels[:, :1], zeros)[0]
+  x = jnp.asarray(crop)[None]
+  cases = {
+      "encoder (128³ crop)": lambda: seg._embed(seg.variables, x),
+      "prompt+decode, 1 click": lambda: seg._predict(seg.variables, embedding[None], points[:, :1], labels[:, :1],
+                                                     zeros),
+      "prompt+decode, 5 clicks + mask": lambda: seg._predict(seg.variables, embedding[None], points, labels, prev),
+  }
+  results = {}
+  print(f"SAM-Med3D vit_b_ori, {args.dtype}, {jax.devices()[0].platform}, {os.cpu_count()} CPUs, "
+        f"median of {args.runs}")
+  print(f"{'case':34s} {'median ms':>10s} {'min ms':>8s}")
+  for name, fn in cases.items():
+    median, times = _median_ms(fn, args.runs)
+    results[name] = {"median_ms": median, "runs_ms": times}
+    print(f"{name:34s} {median:10.1f} {min(times):8.1f}")
+  with open(args.out + ".tmp", "w") as f:
+    json.dump({"dtype": args.dtype, "platform": jax.devices()[0].platform, "machine": platform.processor(),
+               "cpus": os.cpu_count(), "results": results}, f, indent=1)
+  os.replace(args.out + ".tmp", args.out)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,486 @@
+"""SAM-Med3D `vit_b_ori` (the architecture of the SegAnyPET weights) in flax.linen.
+
+Three separable, jit-friendly parts, each a method of `Sam3D` (call with `model.apply(variables, ...,
+method=...)`):
+  `embed`           crop (B, S, S, S) → image embedding (B, g, g, g, C)          (once per crop)
+  `encode_prompts`  points (B, N, 3), labels (B, N), mask logits (B, 4g, 4g, 4g) → sparse (B, N+1, C),
+                    dense (B, g, g, g, C)                                          (per click)
+  `decode`          embedding, sparse, dense → low-res logits (B, 4g, 4g, 4g), IoU prediction (B,)
+with S = img_size, g = S / patch_size (8 for vit_b_ori) and C = prompt_dim (384). Arrays are channel-last;
+spatial axes are the crop's array axes 0, 1, 2, and point coordinates are voxel indices along them.
+
+Behaviour of the official PyTorch code (uni-medical/SAM-Med3D @ f3de1fa) that is reproduced on purpose:
+* Windowed blocks zero-pad the g³ token grid (after norm1) to window³ and attend over all window³ tokens
+  with no padding mask; padded tokens have q, k, v = the qkv bias.
+* The decomposed relative-position bias is built from the unscaled q, but broadcast the way the official
+  `add_decomposed_rel_pos` does it, which is not the MViTv2 formula the spec describes: for query (i, j, k)
+  and key (l, n, m) on the padded grid, with R_a[x, y] = rel_pos_a[x - y + P - 1],
+    bias = q[i, j, k]·R_d[i, m] + q[i, j, l]·R_h[j, m] + q[i, j, n]·R_w[n, m],
+  (the d and h terms index the key's last axis, and the h and w terms use the q of the query at w-index l
+  or n; queries at padded w-indices have q = q-bias). The weights were trained with this.
+* Dense image PE: grid cell (i, j, k) encodes ((j+.5)/g, (i+.5)/g, (k+.5)/g) (axes 0/1 swapped w.r.t. points);
+  the random-Fourier PE is [sin, cos, sin].
+* Points get +0.5 and ÷S; one padding point with label -1 (PE zeroed, `not_a_point_embed` added) is appended.
+* LayerNorm eps 1e-6 in the encoder, neck and every channel LayerNorm, 1e-5 in the decoder transformer;
+  exact-erf GELU; ReLU in the decoder MLPs.
+
+Work the official code wastes is skipped where the outputs stay identical: padded query tokens of the windowed
+blocks are never computed (their outputs are cropped away), and the window³ − g³ padded keys, which share one
+key and one value, enter the softmax as one extra logit, the log-sum-exp of their logits, computed in closed
+form (the bias above factorises over the key axes). Only mask token 0 is decoded (the official loops use
+`multimask_output=False`); hypernetwork MLPs 1-3 exist only for the checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from petfm.errors import UserError
+from petfm.models import vit
+
+POSITIVE, NEGATIVE, PADDING = 1, 0, -1        # point labels; PADDING marks "not a point"
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class Sam3DConfig:
+  """Sizes of a SAM-Med3D model. `dtype` is the compute dtype name (params stay float32)."""
+  img_size: int = 128
+  patch_size: int = 16
+  width: int = 768
+  depth: int = 12
+  num_heads: int = 12
+  mlp_dim: int = 3072
+  global_attn_indexes: tuple[int, ...] = (2, 5, 8, 11)
+  window_size: int = 14
+  prompt_dim: int = 384
+  mask_in_chans: int = 16
+  decoder_depth: int = 2
+  decoder_heads: int = 8
+  decoder_mlp_dim: int = 2048
+  attention_downsample: int = 2
+  num_mask_tokens: int = 4
+  iou_hidden: int = 256
+  iou_depth: int = 3
+  dtype: str = "float32"
+
+  @property
+  def grid(self) -> int:
+    return self.img_size // self.patch_size
+
+  @property
+  def mask_size(self) -> int:
+    """Side of the low-res logits / mask prompt (4 × grid)."""
+    return 4 * self.grid
+
+
+CONFIGS = {
+    "vit_b_ori": Sam3DConfig(),
+    "tiny": Sam3DConfig(width=96, depth=4, num_heads=4, mlp_dim=384, global_attn_indexes=(1, 3), prompt_dim=48,
+                        decoder_mlp_dim=96, iou_hidden=32),
+}
+
+
+def get_config(name: str, **overrides: Any) -> Sam3DConfig:
+  """Named config (`vit_b_ori`, `tiny`) with field overrides (e.g. dtype='bfloat16'); checks the sizes."""
+  if name not in CONFIGS:
+    raise UserError(f"model: unknown SAM-Med3D config {name!r}; known: {', '.join(CONFIGS)}")
+  try:
+    config = dataclasses.replace(CONFIGS[name], **overrides)
+  except TypeError as e:
+    raise UserError(f"model: {e}") from None
+  check_config(config)
+  return config
+
+
+def check_config(c: Sam3DConfig) -> None:
+  problems = []
+  if c.dtype not in DTYPES:
+    problems.append(f"dtype {c.dtype!r} is not one of {list(DTYPES)}")
+  if c.img_size % c.patch_size:
+    problems.append(f"img_size {c.img_size} is not divisible by patch_size {c.patch_size}")
+  if c.width % c.num_heads:
+    problems.append(f"width {c.width} is not divisible by num_heads {c.num_heads}")
+  if 0 < c.window_size < c.grid:
+    problems.append(f"window_size {c.window_size} is smaller than the token grid {c.grid} (several windows per "
+                    "crop are not supported)")
+  if c.prompt_dim % 3 or c.prompt_dim % 8 or (c.prompt_dim // c.attention_downsample) % c.decoder_heads:
+    problems.append(f"prompt_dim {c.prompt_dim} must be divisible by 3, 8 and decoder_heads·attention_downsample")
+  if c.mask_in_chans % 4:
+    problems.append(f"mask_in_chans {c.mask_in_chans} is not divisible by 4")
+  if problems:
+    raise UserError("model: " + "; ".join(problems))
+
+
+def _gelu(x: jax.Array) -> jax.Array:
+  return jax.nn.gelu(x, approximate=False)
+
+
+def _param(module: nn.Module, name: str, init, names: tuple, shape: tuple) -> jax.Array:
+  return module.param(name, vit.partitioned(init, names), shape, jnp.float32)
+
+
+def _conv(features: int, kernel: int, name: str, dtype, use_bias: bool = True, padding: int = 0) -> nn.Conv:
+  return nn.Conv(features, (kernel,) * 3, strides=(kernel,) * 3 if padding == 0 else 1,
+                 padding=[(padding, padding)] * 3, use_bias=use_bias, dtype=dtype, name=name,
+                 kernel_init=vit.partitioned(nn.initializers.lecun_normal(), (None,) * 3 + ("conv_in", "conv_out")),
+                 bias_init=vit.partitioned(nn.initializers.zeros, ("conv_out",)))
+
+
+# ------------------------------------------------------------------------------------------- image encoder
+
+
+def _relative_table(table: jax.Array, size: int) -> jax.Array:
+  """(2·size−1, hd) → (size, size, hd) with R[x, y] = table[x − y + size − 1]."""
+  if table.shape[0] != 2 * size - 1:
+    raise UserError(f"relative position table of length {table.shape[0]}, expected {2 * size - 1}")
+  index = np.arange(size)[:, None] - np.arange(size)[None, :] + size - 1
+  return table[index]
+
+
+class EncoderAttention(nn.Module):
+  """Attention of one encoder block over the g³ token grid, global (`window` 0) or in one zero-padded
+  window³ window. (B, g, g, g, width) → (B, g, g, g, width). See the module doc for the bias formula."""
+  num_heads: int
+  window: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    b, g, _, _, width = x.shape
+    heads, hd = self.num_heads, width // self.num_heads
+    size = self.window or g
+    zeros = nn.initializers.zeros
+    tables = [_param(self, f"rel_pos_{a}", zeros, (None, "kv"), (2 * size - 1, hd)) for a in "dhw"]
+    qkv = vit.dense(3 * width, ("embed", "heads"), self.dtype, jnp.float32, "qkv")
+    y = qkv(x).reshape(b, g, g, g, 3, heads, hd)
+    q, k, v = (y[..., i, :, :].transpose(0, 4, 1, 2, 3, 5) for i in range(3))   # (B, H, g, g, g, hd)
+    f32 = lambda t: t.astype(jnp.float32)
+    q32 = f32(q)
+    rd, rh, rw = (_relative_table(f32(t), size) for t in tables)
+    # q along the w axis of the padded grid: real rows, then the q-bias of the padded tokens.
+    q_bias, k_bias, v_bias = f32(nn.unbox(qkv.variables["params"]["bias"])).reshape(3, heads, hd)
+    pad = size - g
+    q_pad = jnp.broadcast_to(q_bias[None, :, None, None, None], (b, heads, g, g, pad, hd))
+    q_w = jnp.concatenate([q32, q_pad], axis=4)                                   # (B, H, g, g, P, hd)
+    term_d = jnp.einsum("bhijkc,imc->bhijkm", q32, rd[:g])                        # (B, H, g, g, g, P)
+    term_h = jnp.einsum("bhijlc,jmc->bhijlm", q_w, rh[:g])                        # (B, H, g, g, P, P)
+    term_w = jnp.einsum("bhijnc,nmc->bhijnm", q_w, rw)                            # (B, H, g, g, P, P)
+    scale = hd ** -0.5
+    n = g ** 3
+    logits = jnp.einsum("bhqc,bhkc->bhqk", (q * scale).reshape(b, heads, n, hd), k.reshape(b, heads, n, hd),
+                        preferred_element_type=jnp.float32).reshape((b, heads) + (g,) * 6)
+    logits = (logits + term_d[:, :, :, :, :, None, None, :g] + term_h[:, :, :, :, None, :g, None, :g]
+              + term_w[:, :, :, :, None, None, :g, :g]).reshape(b, heads, n, n)
+    values = v.reshape(b, heads, n, hd)
+    if pad:
+      lse = jax.nn.logsumexp
+      h_hi, h_lo = lse(term_h[..., g:, :], axis=-2), lse(term_h[..., :g, :], axis=-2)   # (B, H, g, g, P) over m
+      w_all, w_hi, w_lo = (lse(term_w[..., s, :], axis=-2) for s in (slice(None), slice(g, None), slice(None, g)))
+      per_m = lambda h, w: (h + w)[:, :, :, :, None, :]                            # broadcast over k
+      pads = jnp.stack([lse(term_d + per_m(h_hi, w_all), axis=-1),                  # key l ≥ g
+                        lse(term_d + per_m(h_lo, w_hi), axis=-1),                   # l < g, n ≥ g
+                        lse((term_d + per_m(h_lo, w_lo))[..., g:], axis=-1)], -1)   # l, n < g, m ≥ g
+      pad_logit = lse(pads, axis=-1) + jnp.einsum("bhijkc,hc->bhijk", q32 * scale, k_bias)
+      logits = jnp.concatenate([logits, pad_logit.reshape(b, heads, n, 1)], axis=-1)
+    probs = jax.nn.softmax(logits, axis=-1)
+    out = jnp.einsum("bhqk,bhkc->bhqc", probs[..., :n].astype(self.dtype), values)
+    if pad:
+      out = out + probs[..., n:] * v_bias[None, :, None, :]
+    out = out.astype(self.dtype).reshape(b, heads, g, g, g, hd).transpose(0, 2, 3, 4, 1, 5)
+    return vit.dense(width, ("heads", "embed"), self.dtype, jnp.float32, "proj")(out.reshape(b, g, g, g, width))
+
+
+class EncoderBlock(nn.Module):
+  num_heads: int
+  mlp_dim: int
+  window: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = x + EncoderAttention(self.num_heads, self.window, self.dtype, name="attn")(
+        vit.layer_norm("norm1")(x).astype(self.dtype)).astype(x.dtype)
+    y = vit.Mlp(self.mlp_dim, "exact", self.dtype, name="mlp")(vit.layer_norm("norm2")(x).astype(self.dtype))
+    return x + y.astype(x.dtype)
+
+
+class ImageEncoder3D(nn.Module):
+  """(B, S, S, S) crop → (B, g, g, g, prompt_dim) image embedding (float32)."""
+  config: Sam3DConfig
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    c, dtype = self.config, DTYPES[self.config.dtype]
+    g = c.grid
+    if x.shape[1:] != (c.img_size,) * 3:
+      raise UserError(f"crop: shape {x.shape[1:]}, expected {(c.img_size,) * 3}")
+    tokens = vit.PatchEmbed(c.width, (c.patch_size,) * 3, dtype, name="patch_embed")(x[..., None].astype(dtype))
+    pos = _param(self, "pos_embed", nn.initializers.zeros, (None, None, None, None, "embed"), (1, g, g, g, c.width))
+    x = tokens.reshape(-1, g, g, g, c.width).astype(jnp.float32) + pos
+    for i in range(c.depth):
+      window = 0 if i in c.global_attn_indexes else c.window_size
+      x = EncoderBlock(c.num_heads, c.mlp_dim, window, dtype, name=f"blocks_{i}")(x)
+    x = _conv(c.prompt_dim, 1, "neck_0", dtype, use_bias=False)(x.astype(dtype))
+    x = vit.layer_norm("neck_1")(x)
+    x = _conv(c.prompt_dim, 3, "neck_2", dtype, use_bias=False, padding=1)(x.astype(dtype))
+    return vit.layer_norm("neck_3")(x)
+
+
+# ------------------------------------------------------------------------------------------ prompt encoder
+
+
+class PositionEmbeddingRandom3D(nn.Module):
+  """Random-Fourier PE of coordinates in [0, 1]³ → (…, 3·F): [sin, cos, sin] of 2π(2c−1)·G, G (3, F) a buffer."""
+  num_feats: int
+
+  @nn.compact
+  def __call__(self, coords: jax.Array) -> jax.Array:
+    matrix = self.variable("buffers", "positional_encoding_gaussian_matrix",
+                           lambda: jax.random.normal(self.make_rng("params"), (3, self.num_feats)))
+    p = 2 * np.pi * ((2 * coords - 1) @ matrix.value)
+    return jnp.concatenate([jnp.sin(p), jnp.cos(p), jnp.sin(p)], axis=-1)
+
+
+class PromptEncoder3D(nn.Module):
+  config: Sam3DConfig
+
+  def setup(self):
+    c = self.config
+    self.pe_layer = PositionEmbeddingRandom3D(c.prompt_dim // 3)
+    init = vit.partitioned(nn.initializers.normal(1.0), (None, "embed"))
+    for name in ("point_embeddings_0", "point_embeddings_1", "not_a_point_embed", "no_mask_embed"):
+      setattr(self, name, self.param(name, init, (1, c.prompt_dim), jnp.float32))
+    dtype = DTYPES[c.dtype]
+    self.mask_downscaling_0 = _conv(c.mask_in_chans // 4, 2, None, dtype)
+    self.mask_downscaling_1 = vit.layer_norm(None)
+    self.mask_downscaling_3 = _conv(c.mask_in_chans, 2, None, dtype)
+    self.mask_downscaling_4 = vit.layer_norm(None)
+    self.mask_downscaling_6 = _conv(c.prompt_dim, 1, None, dtype)
+
+  def dense_pe(self) -> jax.Array:
+    """(g, g, g, C) PE of the embedding grid; cell (i, j, k) encodes ((j+.5)/g, (i+.5)/g, (k+.5)/g)."""
+    g = self.config.grid
+    centres = (np.arange(g, dtype=np.float32) + 0.5) / g
+    i, j, k = np.meshgrid(centres, centres, centres, indexing="ij")
+    return self.pe_layer(jnp.asarray(np.stack([j, i, k], axis=-1)))
+
+  def embed_points(self, points: jax.Array, labels: jax.Array) -> jax.Array:
+    """points (B, N, 3) voxel indices, labels (B, N) → (B, N+1, C) with the official padding point appended."""
+    b = points.shape[0]
+    points = jnp.concatenate([points.astype(jnp.float32) + 0.5, jnp.zeros((b, 1, 3), jnp.float32)], axis=1)
+    labels = jnp.concatenate([labels.astype(jnp.int32), jnp.full((b, 1), PADDING, jnp.int32)], axis=1)
+    pe = self.pe_layer(points / self.config.img_size)
+    lab = labels[..., None]
+    pe = jnp.where(lab == PADDING, self.not_a_point_embed, pe)
+    pe = pe + jnp.where(lab == NEGATIVE, self.point_embeddings_0, 0.0)
+    return pe + jnp.where(lab == POSITIVE, self.point_embeddings_1, 0.0)
+
+  def embed_mask(self, mask_logits: jax.Array) -> jax.Array:
+    """(B, 4g, 4g, 4g) logits → (B, g, g, g, C)."""
+    dtype = DTYPES[self.config.dtype]
+    x = self.mask_downscaling_0(mask_logits[..., None].astype(dtype))
+    x = _gelu(self.mask_downscaling_1(x)).astype(dtype)
+    x = _gelu(self.mask_downscaling_4(self.mask_downscaling_3(x))).astype(dtype)
+    return self.mask_downscaling_6(x).astype(jnp.float32)
+
+  def __call__(self, points: jax.Array | None, labels: jax.Array | None, mask_logits: jax.Array
+               ) -> tuple[jax.Array, jax.Array]:
+    b = mask_logits.shape[0]
+    if points is None:
+      sparse = jnp.zeros((b, 0, self.config.prompt_dim), jnp.float32)
+    else:
+      sparse = self.embed_points(points, labels)
+    return sparse, self.embed_mask(mask_logits)
+
+
+# ------------------------------------------------------------------------------------------- mask decoder
+
+
+def _decoder_norm(name: str) -> nn.LayerNorm:
+  return vit.layer_norm(name, epsilon=1e-5)
+
+
+class DecoderAttention(nn.Module):
+  """SAM attention with q/k/v projected to `internal_dim`. (B, Lq, C), (B, Lk, C), (B, Lk, C) → (B, Lq, C)."""
+  internal_dim: int
+  num_heads: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    width = q.shape[-1]
+    proj = lambda n, x: vit.dense(self.internal_dim, ("embed", "heads"), self.dtype, jnp.float32, n)(
+        x.astype(self.dtype))
+    split = lambda x: x.reshape(*x.shape[:-1], self.num_heads, self.internal_dim // self.num_heads)
+    out = jax.nn.dot_product_attention(split(proj("q_proj", q)), split(proj("k_proj", k)), split(proj("v_proj", v)))
+    out = out.reshape(*out.shape[:-2], self.internal_dim)
+    return vit.dense(width, ("heads", "embed"), self.dtype, jnp.float32, "out_proj")(out).astype(jnp.float32)
+
+
+class ReluMlp(nn.Module):
+  """Dense layers `dims` with ReLU between them, named layers_i (or lin1/lin2 for the transformer MLP)."""
+  dims: tuple[int, ...]
+  names: tuple[str, ...] | None = None
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    names = self.names or tuple(f"layers_{i}" for i in range(len(self.dims)))
+    for i, (d, name) in enumerate(zip(self.dims, names)):
+      x = vit.dense(d, ("embed", "mlp"), self.dtype, jnp.float32, name)(x.astype(self.dtype))
+      if i < len(self.dims) - 1:
+        x = jax.nn.relu(x)
+    return x.astype(jnp.float32)
+
+
+class TwoWayBlock(nn.Module):
+  config: Sam3DConfig
+  skip_first_layer_pe: bool
+
+  @nn.compact
+  def __call__(self, queries, keys, query_pe, key_pe):
+    c, dtype = self.config, DTYPES[self.config.dtype]
+    cross = c.prompt_dim // c.attention_downsample
+    if self.skip_first_layer_pe:
+      queries = DecoderAttention(c.prompt_dim, c.decoder_heads, dtype, name="self_attn")(queries, queries, queries)
+    else:
+      q = queries + query_pe
+      queries = queries + DecoderAttention(c.prompt_dim, c.decoder_heads, dtype, name="self_attn")(q, q, queries)
+    queries = _decoder_norm("norm1")(queries)
+    k = keys + key_pe
+    queries = queries + DecoderAttention(cross, c.decoder_heads, dtype, name="cross_attn_token_to_image")(
+        queries + query_pe, k, keys)
+    queries = _decoder_norm("norm2")(queries)
+    queries = _decoder_norm("norm3")(
+        queries + ReluMlp((c.decoder_mlp_dim, c.prompt_dim), ("lin1", "lin2"), dtype, name="mlp")(queries))
+    keys = keys + DecoderAttention(cross, c.decoder_heads, dtype, name="cross_attn_image_to_token")(
+        k, queries + query_pe, queries)
+    return queries, _decoder_norm("norm4")(keys)
+
+
+class TwoWayTransformer3D(nn.Module):
+  """tokens (B, T, C), image (B, L, C), image PE (L, C) → tokens (B, T, C), image (B, L, C)."""
+  config: Sam3DConfig
+
+  @nn.compact
+  def __call__(self, image: jax.Array, image_pe: jax.Array, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+    c = self.config
+    queries, keys = tokens, image
+    for i in range(c.decoder_depth):
+      queries, keys = TwoWayBlock(c, i == 0, name=f"layers_{i}")(queries, keys, tokens, image_pe)
+    attn = DecoderAttention(c.prompt_dim // c.attention_downsample, c.decoder_heads, DTYPES[c.dtype],
+                            name="final_attn_token_to_image")
+    queries = queries + attn(queries + tokens, keys + image_pe, keys)
+    return _decoder_norm("norm_final_attn")(queries), keys
+
+
+class MaskDecoder3D(nn.Module):
+  """embedding (B, g, g, g, C), image PE (g, g, g, C), sparse (B, N, C), dense (B, g, g, g, C) →
+  logits of mask token 0 (B, 4g, 4g, 4g), IoU prediction of mask 0 (B,)."""
+  config: Sam3DConfig
+
+  @nn.compact
+  def __call__(self, embedding, image_pe, sparse, dense):
+    c, dtype = self.config, DTYPES[self.config.dtype]
+    b, g = embedding.shape[0], c.grid
+    init = vit.partitioned(nn.initializers.normal(1.0), (None, "embed"))
+    iou_token = self.param("iou_token", init, (1, c.prompt_dim), jnp.float32)
+    mask_tokens = self.param("mask_tokens", init, (c.num_mask_tokens, c.prompt_dim), jnp.float32)
+    out_tokens = jnp.broadcast_to(jnp.concatenate([iou_token, mask_tokens])[None], (b, 1 + c.num_mask_tokens,
+                                                                                   c.prompt_dim))
+    tokens = jnp.concatenate([out_tokens, sparse.astype(jnp.float32)], axis=1)
+    src = (embedding + dense).reshape(b, g ** 3, c.prompt_dim)
+    hs, src = TwoWayTransformer3D(c, name="transformer")(src, image_pe.reshape(g ** 3, c.prompt_dim)[None], tokens)
+    # The two stride-2 transposed convs act per voxel, so the features stay in a blocked layout
+    # (B, g, g, g, 2, 2, 2, 2, 2, 2, C/8) and only the final logits are interleaved to (B, 4g, 4g, 4g).
+    up = _ConvTranspose2(c.prompt_dim // 4, dtype, name="output_upscaling_0")(src.reshape(b, g, g, g, -1))
+    up = _gelu(vit.layer_norm("output_upscaling_1")(up))
+    up = _gelu(_ConvTranspose2(c.prompt_dim // 8, dtype, name="output_upscaling_3")(up.astype(dtype)))
+    hyper = [ReluMlp((c.prompt_dim, c.prompt_dim, c.prompt_dim // 8), dtype=dtype,
+                     name=f"output_hypernetworks_mlps_{i}")(hs[:, 1 + i])
+             for i in range(c.num_mask_tokens) if i == 0 or self.is_initializing()]
+    blocked = jnp.einsum("bnc,bc->bn", up.reshape(b, -1, up.shape[-1]), hyper[0])
+    logits = blocked.reshape(b, g, g, g, 2, 2, 2, 2, 2, 2).transpose(0, 1, 4, 7, 2, 5, 8, 3, 6, 9)
+    logits = logits.reshape(b, 4 * g, 4 * g, 4 * g)
+    iou = ReluMlp((c.iou_hidden,) * (c.iou_depth - 1) + (c.num_mask_tokens,), dtype=dtype,
+                  name="iou_prediction_head")(hs[:, 0])
+    return logits, iou[:, 0]
+
+
+class _ConvTranspose2(nn.Module):
+  """ConvTranspose3d with kernel = stride = 2, in a blocked layout: (…, Cin) → (…, 2, 2, 2, features), where
+  sub-voxel (i, j, k) of input voxel (x, y, z) is output voxel (2x+i, 2y+j, 2z+k) of the torch layer.
+  Kernel (Cin, 2, 2, 2, features) = torch's (Cin, features, 2, 2, 2) permuted (no flip: the kernel never
+  overlaps itself at stride 2)."""
+  features: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    cin = x.shape[-1]
+    kernel = _param(self, "kernel", nn.initializers.lecun_normal(in_axis=0, out_axis=-1),
+                    ("conv_in", None, None, None, "conv_out"), (cin, 2, 2, 2, self.features))
+    bias = _param(self, "bias", nn.initializers.zeros, ("conv_out",), (self.features,))
+    y = jnp.dot(x.astype(self.dtype), kernel.reshape(cin, -1).astype(self.dtype), preferred_element_type=jnp.float32)
+    return y.reshape(*x.shape[:-1], 2, 2, 2, self.features) + bias
+
+
+# ------------------------------------------------------------------------------------------------ the model
+
+
+class Sam3D(nn.Module):
+  """SAM-Med3D. `__call__` (used by `init`) = embed → encode_prompts → decode. See the module doc."""
+  config: Sam3DConfig
+
+  def setup(self):
+    self.image_encoder = ImageEncoder3D(self.config)
+    self.prompt_encoder = PromptEncoder3D(self.config)
+    self.mask_decoder = MaskDecoder3D(self.config)
+
+  def embed(self, crops: jax.Array) -> jax.Array:
+    """(B, S, S, S) normalised crops → (B, g, g, g, C) image embeddings (float32)."""
+    return self.image_encoder(crops)
+
+  def encode_prompts(self, points: jax.Array | None, labels: jax.Array | None, mask_logits: jax.Array
+                     ) -> tuple[jax.Array, jax.Array]:
+    """points (B, N, 3) voxel indices (axes 0, 1, 2 of the crop) or None, labels (B, N) of POSITIVE/NEGATIVE/
+    PADDING, mask_logits (B, 4g, 4g, 4g) (zeros on the first click, as the official loops) →
+    sparse (B, N+1, C) (B, 0, C without points), dense (B, g, g, g, C)."""
+    return self.prompt_encoder(points, labels, mask_logits)
+
+  def decode(self, embedding: jax.Array, sparse: jax.Array, dense: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """→ low-res logits (B, 4g, 4g, 4g) float32, IoU prediction (B,)."""
+    return self.mask_decoder(embedding, self.prompt_encoder.dense_pe(), sparse, dense)
+
+  def __call__(self, crops, points, labels, mask_logits):
+    embedding = self.embed(crops)
+    return self.decode(embedding, *self.encode_prompts(points, labels, mask_logits))
+
+
+def upsample_logits(logits: jax.Array, size: int) -> jax.Array:
+  """(B, s, s, s) low-res logits → (B, size, size, size), trilinear with align_corners=False (as F.interpolate)."""
+  return jax.image.resize(logits, (logits.shape[0],) + (size,) * 3, "linear")
+
+
+def init_variables(config: Sam3DConfig, rng: jax.Array, batch: int = 1) -> dict[str, Any]:
+  """Random `{'params', 'buffers'}` of the model (boxed, as `init` returns them)."""
+  s, m = config.img_size, config.mask_size
+  return Sam3D(config).init(rng, jnp.zeros((batch, s, s, s)), jnp.zeros((batch, 1, 3)),
+                            jnp.ones((batch, 1), jnp.int32), jnp.zeros((batch, m, m, m)))
+
+
+def abstract_variables(config: Sam3DConfig) -> dict[str, Any]:
+  """Shapes/dtypes of `init_variables` without computing anything (jax.eval_shape)."""
+  return jax.eval_shape(lambda rng: init_variables(config, rng), jax.random.key(0))
+
+
+def param_count(tree: Any) -> int:
+  return sum(math.prod(x.shape) for x in jax.tree.leaves(nn.unbox(tree)))
