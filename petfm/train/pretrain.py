@@ -94,7 +94,7 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, example: dict[str, np.n
                                                  config.optim.accum_steps)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    metrics.update(grad_norm=optax.global_norm(grads), param_norm=optax.global_norm(params),
+    metrics.update(grad_norm=optax.tree.norm(grads), param_norm=optax.tree.norm(params),
                    lr=schedule(state["step"]))
     return {**state, "step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
