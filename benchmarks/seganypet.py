@@ -45,13 +45,15 @@ def main() -> None:
   points = jnp.asarray(rng.integers(0, 128, (1, 5, 3)).astype(np.float32))
   labels = jnp.asarray([[1, 0, 1, 1, 0]], jnp.int32)
   zeros = jnp.zeros((1, 32, 32, 32))
-  prev = seg._predict(seg.variables, embedding[None], points[:, :1], labels[:, :1], zeros)[0]
+  prev = seg._predict(seg.variables, embedding[None], points[:, :1], labels[:, :1], zeros,
+                      seg.image_pe)[0]
   x = jnp.asarray(crop)[None]
   cases = {
       "encoder (128³ crop)": lambda: seg._embed(seg.variables, x),
       "prompt+decode, 1 click": lambda: seg._predict(seg.variables, embedding[None], points[:, :1], labels[:, :1],
-                                                     zeros),
-      "prompt+decode, 5 clicks + mask": lambda: seg._predict(seg.variables, embedding[None], points, labels, prev),
+                                                     zeros, seg.image_pe),
+      "prompt+decode, 5 clicks + mask": lambda: seg._predict(seg.variables, embedding[None], points, labels, prev,
+                                                             seg.image_pe),
   }
   results = {}
   print(f"SAM-Med3D vit_b_ori, {args.dtype}, {jax.devices()[0].platform}, {os.cpu_count()} CPUs, "
