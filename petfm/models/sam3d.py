@@ -388,10 +388,10 @@ class DecoderAttention(nn.Module):
     kh = split(jnp.dot(k, wk, preferred_element_type=f32) + bk)                            # few keys: fold Wq, Wo
     vh = split(jnp.dot(v, wv, preferred_element_type=f32) + bv)                            # (B, Lk, H, hd)
     k_fold = jnp.einsum("chd,bkhd->bchk", split(wq).astype(f32), kh) * scale               # (B, C, H, Lk)
-    logits = jnp.einsum("bqc,bchk->bhqk", q, k_fold.astype(self.dtype), preferred_element_type=f32)
-    logits = logits + jnp.einsum("hd,bkhd->bhk", split(bq), kh)[:, :, None] * scale
+    logits = jnp.einsum("bqc,bchk->bqhk", q, k_fold.astype(self.dtype), preferred_element_type=f32)
+    logits = logits + jnp.einsum("hd,bkhd->bhk", split(bq), kh)[:, None] * scale
     v_fold = jnp.einsum("bkhd,hdc->bhkc", vh, wo.reshape(heads, hd, width).astype(f32))   # (B, H, Lk, C)
-    return jnp.einsum("bhqk,bhkc->bqc", jax.nn.softmax(logits, -1).astype(self.dtype), v_fold.astype(self.dtype),
+    return jnp.einsum("bqhk,bhkc->bqc", jax.nn.softmax(logits, -1).astype(self.dtype), v_fold.astype(self.dtype),
                       preferred_element_type=f32) + bo
 
 
