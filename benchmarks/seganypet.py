@@ -1,6 +1,6 @@
 """Latency of SAM-Med3D vit_b_ori (random weights) on this machine: image encoder on one 128³ crop, and one
-prompt-encode + decode step with 1 click (zero mask prompt, the first click) and with 5 clicks plus the previous
-logits as mask prompt. Prints a table of medians and writes JSON.
+prompt-encode + decode step with 1 click (zero mask prompt, the first click) and with 5 clicks plus the
+previous logits as mask prompt. Prints a table of medians and writes JSON.
 
   PYTHONPATH=. python benchmarks/seganypet.py [--runs 7] [--dtype float32] [--out benchmarks/seganypet.json]
 
@@ -45,15 +45,13 @@ def main() -> None:
   points = jnp.asarray(rng.integers(0, 128, (1, 5, 3)).astype(np.float32))
   labels = jnp.asarray([[1, 0, 1, 1, 0]], jnp.int32)
   zeros = jnp.zeros((1, 32, 32, 32))
-  prev = seg._predict(seg.variables, embedding[None], points[:, :1], labels[:, :1], zeros,
-                      seg.image_pe)[0]
+  step = lambda p, l, mask: seg._predict(seg.variables, embedding[None], p, l, mask, seg.image_pe)
+  prev = step(points[:, :1], labels[:, :1], zeros)[0]
   x = jnp.asarray(crop)[None]
   cases = {
       "encoder (128³ crop)": lambda: seg._embed(seg.variables, x),
-      "prompt+decode, 1 click": lambda: seg._predict(seg.variables, embedding[None], points[:, :1], labels[:, :1],
-                                                     zeros, seg.image_pe),
-      "prompt+decode, 5 clicks + mask": lambda: seg._predict(seg.variables, embedding[None], points, labels, prev,
-                                                             seg.image_pe),
+      "prompt+decode, 1 click": lambda: step(points[:, :1], labels[:, :1], zeros),
+      "prompt+decode, 5 clicks + mask": lambda: step(points, labels, prev),
   }
   results = {}
   print(f"SAM-Med3D vit_b_ori, {args.dtype}, {jax.devices()[0].platform}, {os.cpu_count()} CPUs, "

@@ -1,4 +1,5 @@
-"""`Segmenter`: promptable 3-D segmentation with SAM-Med3D / SegAnyPET weights (like segment-anything's predictor).
+"""`Segmenter`: promptable 3-D segmentation with SAM-Med3D / SegAnyPET weights (like segment-anything's
+predictor).
 
   seg = Segmenter.from_checkpoint("seganypet_v2/")        # made by `petfm convert-sam-med3d`
   emb = seg.embed(crop)                                   # crop (128, 128, 128), see preprocess.prepare
@@ -36,7 +37,8 @@ def prompt_and_decode(model: sam3d.Sam3D, variables: Any, embeddings: jax.Array,
                       labels: jax.Array | None, mask_logits: jax.Array, image_pe: jax.Array | None = None
                       ) -> tuple[jax.Array, jax.Array]:
   """embeddings (B, g, g, g, C), points (B, N, 3) / labels (B, N) or None, mask_logits (B, 4g, 4g, 4g),
-  optional precomputed `Sam3D.dense_pe` (g, g, g, C) → (low-res logits (B, 4g, 4g, 4g), IoU prediction (B,))."""
+  optional precomputed `Sam3D.dense_pe` (g, g, g, C) → (low-res logits (B, 4g, 4g, 4g), IoU prediction
+  (B,))."""
   sparse, dense = model.apply(variables, points, labels, mask_logits, method=sam3d.Sam3D.encode_prompts)
   return model.apply(variables, embeddings, sparse, dense, image_pe, method=sam3d.Sam3D.decode)
 
@@ -109,7 +111,8 @@ class Segmenter:
     return logits[0], float(iou[0])
 
   def upsample(self, logits: jax.Array) -> jax.Array:
-    """Low-res logits (…, 4g, 4g, 4g) → (…, S, S, S), trilinear (align_corners=False, as the official code)."""
+    """Low-res logits (…, 4g, 4g, 4g) → (…, S, S, S), trilinear (align_corners=False, as the official
+    code)."""
     squeeze = logits.ndim == 3
     out = sam3d.upsample_logits(logits[None] if squeeze else logits, self.config.img_size)
     return out[0] if squeeze else out
