@@ -112,8 +112,8 @@ def test_bad_state_dicts_are_listed(golden):
   with pytest.raises(UserError) as e:
     convert.variables_from_state_dict(state, SMALL, "x.pth")
   message = str(e.value)
-  for part in ("missing: image_encoder.blocks.0.attn.rel_pos_h", "unexpected: mask_decoder.extra.weight",
-               "mask_decoder.iou_token.weight (2, 48) (expected (1, 48))"):
+  for part in ("1 missing: image_encoder.blocks.0.attn.rel_pos_h", "1 unexpected: mask_decoder.extra.weight",
+               "1 wrong shape: mask_decoder.iou_token.weight (2, 48) (expected (1, 48))"):
     assert part in message
   with pytest.raises(UserError, match="wrong shape"):       # the small model is not vit_b_ori
     convert.main([PTH, "/nonexistent/out"])

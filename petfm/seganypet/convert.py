@@ -38,6 +38,7 @@ INERT_OBJECTS = frozenset({
     "numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar", "torch.torch_version.TorchVersion",
 })
 IGNORED_KEYS = ("pixel_mean", "pixel_std")
+MAX_LISTED = 12                    # tensors named per category in an error message
 EMBEDDINGS = ("point_embeddings_0", "point_embeddings_1", "not_a_point_embed", "no_mask_embed", "iou_token",
               "mask_tokens")
 _RENAME = {"fc1": "lin1", "fc2": "lin2"}
@@ -109,7 +110,9 @@ def variables_from_state_dict(state: Mapping[str, np.ndarray], config: sam3d.Sam
   misshaped = [f"{k} {tuple(np.shape(v))} (expected {by_key[k].torch_shape})" for k, v in state.items()
                if k in by_key and tuple(np.shape(v)) != by_key[k].torch_shape]
   if missing or unexpected or misshaped:
-    parts = [f"{label}: {', '.join(items)}" for label, items in
+    shown = lambda items: ", ".join(items[:MAX_LISTED]) + (
+        f" … and {len(items) - MAX_LISTED} more" if len(items) > MAX_LISTED else "")
+    parts = [f"{len(items)} {label}: {shown(items)}" for label, items in
              (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped)) if items]
     raise UserError(f"{source}: does not fit SAM-Med3D ({len(table)} tensors expected): " + "; ".join(parts))
   convert = lambda e: np.ascontiguousarray(_to_ours(e.rule, np.asarray(state[e.key], np.float32)))
