@@ -107,3 +107,27 @@ def test_training_reduces_loss_and_resume_equals_uninterrupted(cohort, trained, 
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
                _params(trained), _params(resumed))
   assert _losses(resumed)[8:] == losses[4:]
+
+
+# ------------------------------------------------------------------------------------------- eval-clicks
+
+
+def test_eval_clicks_writes_table_and_scores_match_metrics(cohort, trained, tmp_path):
+  from petfm import cli
+  from petfm.data import pipelines
+  from petfm.eval import metrics
+  out = tmp_path / "eval"
+  assert cli.main(["eval-clicks", "--checkpoint", trained, "--data_dir", cohort, "--out", str(out)]) == 0
+  rows = json.loads((out / "clicks.json").read_text())
+  table = (out / "clicks.md").read_text()
+  assert (out / "dice_vs_clicks.png").stat().st_size > 0 and "Dice@10" in table and "| all |" in table
+  assert {r["name"] for r in rows} >= {"lesion"}
+  # row 0 by hand: one click at the truth's most interior voxel, Dice against the crop's truth
+  model = promptable.ClickModel.load(trained)
+  batch = next(iter(pipelines.crop_dataset(cohort, "test", promptable.data_config_for(model.spec, cohort), seed=0,
+                                           train=False, batch_size=1, shard_index=0, shard_count=1)))
+  truth = batch["mask"][0] > 0
+  point, label = clicks.next_click(np.zeros_like(truth), truth)
+  pred = model.upsample(model.predict(model.embed(batch["image"][0]), [point], [label])) > 0
+  assert rows[0]["dice_1"] == pytest.approx(metrics.dice(pred, truth))
+  assert rows[0]["surface_dice_1"] == pytest.approx(metrics.surface_dice(pred, truth, fixtures_records.SPACING))
