@@ -131,3 +131,69 @@ def test_eval_clicks_writes_table_and_scores_match_metrics(cohort, trained, tmp_
   pred = model.upsample(model.predict(model.embed(batch["image"][0]), [point], [label])) > 0
   assert rows[0]["dice_1"] == pytest.approx(metrics.dice(pred, truth))
   assert rows[0]["surface_dice_1"] == pytest.approx(metrics.surface_dice(pred, truth, fixtures_records.SPACING))
+
+
+# ----------------------------------------------------------------------------------------------- segment
+
+
+def _blob_image(path):
+  import nibabel as nib
+  shape = (24, 20, 30)
+  g = np.indices(shape)
+  blob = (g[0] - 12) ** 2 + (g[1] - 10) ** 2 + ((g[2] - 15) * 1.5) ** 2 <= 25
+  affine = np.array([[-2.0, 0, 0, 30], [0, -2.0, 0, 20], [0, 0, 3.0, -40], [0, 0, 0, 1]])   # LPS
+  nib.save(nib.Nifti1Image((0.8 + 9 * blob).astype(np.float32), affine), path)
+  return affine, shape
+
+
+def test_segment_cli_round_trip_and_interactive(trained, tmp_path, capsys):
+  import io
+  import nibabel as nib
+  from petfm.seganypet import interactive
+  affine, shape = _blob_image(str(tmp_path / "suv.nii.gz"))
+  out = str(tmp_path / "mask.nii.gz")
+  stdin = io.StringIO("12,11,15:+\nnot a point\n3,3,3:-\n\n")
+  assert interactive.main(["--image", str(tmp_path / "suv.nii.gz"), "--point", "12,10,15", "--out", out,
+                           "--checkpoint", trained, "--interactive"], stdin) == 0
+  printed = capsys.readouterr().out
+  assert "click 2 (+ (12, 11, 15))" in printed and "click 3 (- (3, 3, 3))" in printed and " ms" in printed
+  assert "error: point 'not a point'" in printed
+  mask = nib.load(out)
+  assert mask.shape == shape and np.allclose(mask.affine, affine)
+  assert set(np.unique(np.asarray(mask.dataobj))) <= {0, 1}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--point", "12,10,15"], "--checkpoint: required"),
+    (["--point", "12,10,15", "--checkpoint", "/nonexistent"], "no such directory"),
+    (["--point", "12,10"], "expected x,y,z"),
+    (["--point", "30,10,15"], "outside the image"),
+    (["--point", "12,10,15:-"], "at least one positive"),
+])
+def test_segment_cli_bad_input_one_line_exit_2(trained, tmp_path, capsys, args, message):
+  from petfm import cli
+  _blob_image(str(tmp_path / "suv.nii.gz"))
+  if "--checkpoint" not in args and message != "--checkpoint: required":
+    args = args + ["--checkpoint", trained]
+  assert cli.main(["segment", "--image", str(tmp_path / "suv.nii.gz"), "--out", str(tmp_path / "m.nii.gz"),
+                   *args]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and message in err[0]
+  (tmp_path / "bad.nii.gz").write_bytes(b"not nifti")
+  assert cli.main(["segment", "--image", str(tmp_path / "bad.nii.gz"), "--point", "1,1,1", "--out", "x.nii.gz",
+                   "--checkpoint", trained]) == 2
+  assert "cannot read" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------- twin
+
+
+def test_twin_backbone_trains_and_evaluates(cohort, tmp_path):
+  workdir = str(tmp_path / "twin")
+  metrics = seganypet.train(_config(cohort, "tiny,backbone=fratmae_twin", total_steps=2), workdir)
+  assert np.isfinite(metrics["loss"])
+  model = promptable.ClickModel.load(workdir)
+  assert model.spec.backbone == "fratmae_twin" and model.spec.channels == ("pet", "ct")
+  from petfm.seganypet import eval_clicks
+  rows = eval_clicks.evaluate(model, cohort, "test", counts=(1, 3))
+  assert rows and all(0 <= r["dice_3"] <= 1 for r in rows)

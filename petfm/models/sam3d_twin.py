@@ -39,7 +39,7 @@ class TwinSam3D(sam3d.Sam3D):
     make = lambda name: vit.ViT(sizes["width"], sizes["depth"], sizes["num_heads"], sizes["mlp_dim"],
                                 (c.patch_size,) * 3, dtype=dtype, name=name)
     self.pet_encoder, self.ct_encoder = make("pet_encoder"), make("ct_encoder")
-    self.fuse = vit.dense(c.prompt_dim, ("embed", "embed"), dtype, jnp.float32, "fuse")
+    self.fuse = vit.dense(c.prompt_dim, ("mlp", "embed"), dtype, jnp.float32, "fuse")
     self.fuse_norm = vit.layer_norm("fuse_norm")
     self.prompt_encoder = sam3d.PromptEncoder3D(c)
     self.mask_decoder = sam3d.MaskDecoder3D(c)
