@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
@@ -265,7 +266,7 @@ def test_multi_positive_contrastive_matches_numpy():
 def test_context_align_treats_same_text_as_positives(text_dim):
   """The module's loss equals the numpy loss with positives = equal prompt strings (not the diagonal)."""
   kw = {k: SMALL[k] for k in ("text_vocab_size", "text_length", "text_width", "text_depth", "text_heads")}
-  head = fratmae.ContextAlign(32, 2, 0.07, 100.0, "frozen", **kw)
+  head = fratmae.ContextAlign(32, 2, 0.07, 100.0, "frozen", **kw, loss="multi_positive", center=False)
   batch = make_batch(batch=6, text_dim=text_dim)
   features = np.random.default_rng(1).normal(size=(6, 32)).astype(np.float32)
   args = (features, batch["text_embedding"], batch["text_tokens"])
@@ -281,6 +282,60 @@ def test_context_align_treats_same_text_as_positives(text_dim):
   expected = numpy_multi_positive(image, text, positives, 1 / 0.07)
   np.testing.assert_allclose(loss, expected, rtol=1e-4)
   np.testing.assert_allclose(metrics["logit_scale"], 1 / 0.07, rtol=1e-6)
+
+
+def numpy_prototype(image, text, texts, scale):
+  """Cross-entropy of each image over the distinct prompts (one prototype vector per prompt)."""
+  names = list(dict.fromkeys(texts))
+  prototypes = np.stack([text[texts.index(n)] for n in names])
+  logits = scale * image @ prototypes.T
+  log_probs = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+  return -np.mean([log_probs[i, names.index(t)] for i, t in enumerate(texts)])
+
+
+def test_prototype_loss_matches_numpy_and_reaches_zero():
+  rng = np.random.default_rng(0)
+  texts = ["FDG", "PSMA", "FDG", "FDG", "PSMA", "other"]
+  text_vectors = {t: rng.normal(size=8) for t in set(texts)}
+  normalize = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+  text = normalize(np.stack([text_vectors[t] for t in texts])).astype(np.float32)
+  image = normalize(rng.normal(size=(6, 8))).astype(np.float32)
+  positives = np.array([[a == b for b in texts] for a in texts])
+  loss, _ = fratmae.prototype_contrastive(image, text, positives, 7.0)
+  np.testing.assert_allclose(loss, numpy_prototype(image, text, texts, 7.0), rtol=1e-5)
+  # Images equal to their prompt's vector: accuracy 1 and the loss → 0 as the scale grows (the
+  # multi-positive loss would stay at log(#positives) > 0, which is what let the embedding collapse).
+  loss, accuracy = fratmae.prototype_contrastive(text, text, positives, 100.0)
+  assert accuracy == 1.0 and loss < 1e-3
+
+
+def test_context_align_learns_to_separate_tracers():
+  """A few Adam steps on ContextAlign alone (features: a large shared part + a small per-prompt offset, as
+  pooled encoder tokens are) drive the prototype loss far below its start — no collapse to uniform logits."""
+  rng = np.random.default_rng(0)
+  kw = {k: SMALL[k] for k in ("text_vocab_size", "text_length", "text_width", "text_depth", "text_heads")}
+  head = fratmae.ContextAlign(16, 2, 0.07, 100.0, "learned", **kw)
+  batch = make_batch(batch=8, text_dim=0)
+  texts = [TEXTS[i % len(TEXTS)] for i in range(8)]
+  offsets = {t: 0.3 * rng.normal(size=32) for t in set(texts)}
+  shared = 5.0 + np.stack([offsets[t] for t in texts]).astype(np.float32)
+  features = lambda key: shared + 0.05 * jax.random.normal(key, (8, 32))
+  params = head.init(jax.random.key(0), features(jax.random.key(1)), None, batch["text_tokens"])["params"]
+  tx = optax.adam(1e-3)
+  opt_state = tx.init(params)
+
+  @jax.jit
+  def step(params, opt_state, key):
+    loss_fn = lambda p: head.apply({"params": p}, features(key), None, batch["text_tokens"])[0]
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = tx.update(grads, opt_state)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  losses = []
+  for i in range(150):
+    params, opt_state, loss = step(params, opt_state, jax.random.key(100 + i))
+    losses.append(float(loss))
+  assert np.mean(losses[-10:]) < 0.2 * np.mean(losses[:3]), (losses[:3], losses[-10:])
 
 
 # ---------------------------------------------------------------------------------------------- config

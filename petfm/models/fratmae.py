@@ -49,6 +49,7 @@ METHODS = ("mae", "mae_ca", "fratmae_noca", "fratmae")
 MASK_MODES = ("one_visible", "both_masked")
 DECODER_BLOCKS = ("cross_self", "cross")
 POOLINGS = ("mean", "cls")
+CA_LOSSES = ("prototype", "multi_positive")
 TEXT_TOWERS = ("frozen", "learned")
 NORM_PIX_EPS = 1e-6
 
@@ -82,6 +83,10 @@ def default_config(variant: str = "tiny", method: str = "fratmae") -> ml_collect
   c.ca_weight = 1.0
   c.ca_pooling = "mean"                      # or "cls" (needs cls_token)
   c.ca_proj_layers = 2                       # image projection: 1 = Dense, 2 = Dense → GELU → Dense
+  c.ca_loss = "prototype"                     # image → text cross-entropy over the batch's distinct prompts
+                                             # (text prototypes); "multi_positive": symmetric supervised InfoNCE
+  c.ca_center = True                         # subtract the batch mean of the image and text projections before
+                                             # the L2-norm (see ContextAlign)
   c.ca_temperature_init = 0.07
   c.ca_max_logit_scale = 100.0
   c.text_tower = "frozen"                    # or "learned" (used anyway when text_embedding has E = 0)
@@ -134,6 +139,7 @@ def validate_config(model: ml_collections.ConfigDict, data: ml_collections.Confi
     config_lib.check(ratio is None or 0.0 < ratio < 1.0, field, f"must be in (0, 1), got {ratio}")
   config_lib.check(model.ca_weight >= 0, "ca_weight", f"must be >= 0, got {model.ca_weight}")
   config_lib.check(model.ca_temperature_init > 0, "ca_temperature_init", "must be > 0")
+  config_lib.check(model.ca_loss in CA_LOSSES, "ca_loss", f"{model.ca_loss!r} is not one of {list(CA_LOSSES)}")
   config_lib.check(model.ca_max_logit_scale > 0, "ca_max_logit_scale", "must be > 0")
   config_lib.check(model.text_vocab_size >= 2, "text_vocab_size", f"must be >= 2, got {model.text_vocab_size}")
   config_lib.check(model.ca_pooling != "cls" or model.cls_token, "ca_pooling",
@@ -211,6 +217,29 @@ def multi_positive_contrastive(image: jax.Array, text: jax.Array, positives: jax
   text_to_image = -jnp.mean(jnp.sum(targets * jax.nn.log_softmax(logits.T, axis=1), axis=1))
   accuracy = jnp.mean(jnp.take_along_axis(positives, jnp.argmax(logits, axis=1)[:, None], axis=1))
   return 0.5 * (image_to_text + text_to_image), accuracy
+
+
+def prototype_contrastive(image: jax.Array, text: jax.Array, positives: jax.Array, logit_scale: jax.Array
+                          ) -> tuple[jax.Array, jax.Array]:
+  """Cross-entropy of each image over the batch's distinct prompts (CLIP zero-shot classifier style).
+
+  image, text (B, P) L2-normalised; positives (B, B) bool: sample j has sample i's prompt. Prompt j is a
+  prototype when no earlier sample has the same prompt, so duplicates count once and the optimum is 0 (the
+  multi-positive InfoNCE bottoms out at log(#positives), where a collapsed embedding sits close to the
+  optimum). Also returns the fraction of images whose highest-scoring prototype is their own prompt.
+  """
+  logits = logit_scale * jnp.einsum("ip,jp->ij", image.astype(jnp.float32), text.astype(jnp.float32))
+  earlier = jnp.tril(jnp.ones(positives.shape, bool), k=-1)
+  prototype = ~jnp.any(positives & earlier, axis=1)                      # (B,) first sample of each prompt
+  logits = jnp.where(prototype[None, :], logits, -jnp.inf)
+  own = positives & prototype[None, :]                                   # exactly one True per row
+  log_probs = jax.nn.log_softmax(logits, axis=1)
+  loss = -jnp.mean(jnp.sum(jnp.where(own, log_probs, 0.0), axis=1))
+  accuracy = jnp.mean(jnp.take_along_axis(own, jnp.argmax(logits, axis=1)[:, None], axis=1))
+  return loss, accuracy
+
+
+CA_LOSS_FNS = {"prototype": prototype_contrastive, "multi_positive": multi_positive_contrastive}
 
 
 def l2_normalize(x: jax.Array) -> jax.Array:
@@ -302,9 +331,14 @@ class TextTower(nn.Module):
 
 
 class ContextAlign(nn.Module):
-  """Contrastive alignment of pooled image features (B, W) with the text metadata of each sample.
+  """Contrastive alignment of pooled image features (B, W) with the text metadata of each sample; samples
+  with the same prompt are positives (`prototype_contrastive` or `multi_positive_contrastive`).
 
-  Returns (loss, metrics): `ca`, `ca_accuracy`, `logit_scale`.
+  With `center`, the batch mean of the image and of the text projections is subtracted before the L2-norm.
+  Pooled encoder tokens share a large common component and the prompts share most words, so without it all
+  projections point almost the same way, every cosine is ≈ 1 and the logits stay near uniform (observed: the
+  loss sits at its uniform value from the first steps); centred, only the per-sample differences are compared
+  (the role batch-norm plays in SimCLR / MoCo v3 projection heads). Returns (loss, metrics): `ca`, `ca_accuracy`, `logit_scale`.
   """
   proj_dim: int
   proj_layers: int
@@ -319,6 +353,8 @@ class ContextAlign(nn.Module):
   gelu: str = "exact"
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  loss: str = "prototype"          # CA_LOSSES
+  center: bool = True
 
   @nn.compact
   def __call__(self, image_features: jax.Array, text_embedding: jax.Array | None, text_tokens: jax.Array | None
@@ -342,8 +378,10 @@ class ContextAlign(nn.Module):
     logit_scale = self.param("logit_scale", vit.partitioned(
         nn.initializers.constant(np.log(1.0 / self.temperature_init)), ()), (), jnp.float32)
     scale = jnp.minimum(jnp.exp(logit_scale), self.max_logit_scale)
+    if self.center:
+      image, text = image - jnp.mean(image, axis=0), text - jnp.mean(text, axis=0)
     positives = jnp.all(text_tokens[:, None, :] == text_tokens[None, :, :], axis=-1)
-    loss, accuracy = multi_positive_contrastive(l2_normalize(image), l2_normalize(text), positives, scale)
+    loss, accuracy = CA_LOSS_FNS[self.loss](l2_normalize(image), l2_normalize(text), positives, scale)
     return loss, {"ca": loss, "ca_accuracy": accuracy, "logit_scale": scale}
 
 
@@ -398,6 +436,8 @@ class FratMAE(nn.Module):
   ca_pooling: str = "mean"
   ca_proj_layers: int = 2
   ca_proj_dim: int = 512
+  ca_loss: str = "prototype"
+  ca_center: bool = True
   ca_temperature_init: float = 0.07
   ca_max_logit_scale: float = 100.0
   text_tower: str = "frozen"
@@ -436,7 +476,8 @@ class FratMAE(nn.Module):
       self.context_align = ContextAlign(
           self.ca_proj_dim, self.ca_proj_layers, self.ca_temperature_init, self.ca_max_logit_scale,
           self.text_tower, self.text_vocab_size, self.text_length, self.text_width, self.text_depth,
-          self.text_heads, self.gelu, self.dtype, self.param_dtype)
+          self.text_heads, self.gelu, self.dtype, self.param_dtype, loss=self.ca_loss,
+          center=self.ca_center)
 
   def _pool(self, encoded: dict[str, Any]) -> jax.Array:
     return encoded["cls"] if self.ca_pooling == "cls" else jnp.mean(encoded["tokens"], axis=1)
