@@ -73,7 +73,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict(dict(split="test", overlap=0.5, threshold=0.5, batch_size=8,
                                           max_studies=0))          # max_studies 0 = all
 
-  c.mesh = [("data", -1), ("fsdp", 1), ("tensor", 1)]
+  c.mesh = (("data", -1), ("fsdp", 1), ("tensor", 1))
   c.sharding_rules = [
       ("act_batch", ("data", "fsdp")), ("act_len", None), ("act_embed", None), ("act_mlp", "tensor"),
       ("act_heads", "tensor"), ("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"), ("patch", None),

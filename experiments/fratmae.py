@@ -67,7 +67,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # Device mesh (data, fsdp, tensor); one size may be -1 = all remaining devices. Logical → mesh axis rules:
   # params are sharded over fsdp (embed) and tensor (mlp/heads); the batch over data and fsdp.
-  c.mesh = [("data", -1), ("fsdp", 1), ("tensor", 1)]
+  c.mesh = (("data", -1), ("fsdp", 1), ("tensor", 1))
   c.sharding_rules = [
       ("act_batch", ("data", "fsdp")), ("act_len", None), ("act_embed", None), ("act_mlp", "tensor"),
       ("act_heads", "tensor"), ("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"), ("patch", None),

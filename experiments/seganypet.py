@@ -75,7 +75,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       lr=v["lr"], warmup_steps=v["warmup_steps"], min_lr_ratio=0.01, weight_decay=0.1, b1=0.9, b2=0.999,
       grad_clip=1.0, accum_steps=1))
 
-  c.mesh = [("data", -1), ("fsdp", 1), ("tensor", 1)]
+  c.mesh = (("data", -1), ("fsdp", 1), ("tensor", 1))
   c.sharding_rules = [
       ("act_batch", ("data", "fsdp")), ("act_len", None), ("act_embed", None), ("act_mlp", "tensor"),
       ("act_heads", "tensor"), ("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"), ("kv", None),
