@@ -21,6 +21,13 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 demo: $(VENV)/.installed
 	$(PY) -m data_prep.synthetic --out $(DEMO)/nifti --n 40 --seed 0
 	$(PY) -m data_prep.convert --input $(DEMO)/nifti --output $(DEMO)/records
+	$(VENV)/bin/petfm pretrain --config experiments/fratmae.py:tiny --workdir $(DEMO)/pretrain \
+	    --config.data_dir=$(DEMO)/records
+	$(VENV)/bin/petfm finetune --config experiments/finetune.py:tiny,task=lesions,protocol=finetune \
+	    --workdir $(DEMO)/finetune --config.data_dir=$(DEMO)/records --config.init_from=$(DEMO)/pretrain
+	$(VENV)/bin/petfm predict-lesions --checkpoint $(DEMO)/finetune --study $(DEMO)/nifti/synth_0000 \
+	    --out $(DEMO)/synth_0000_lesions.nii.gz
+	@echo "demo outputs in $(DEMO)/: pretrain/ (checkpoints, images/reconstruction_*.png), finetune/results.json, synth_0000_lesions.nii.gz"
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q

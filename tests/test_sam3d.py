@@ -72,16 +72,20 @@ def test_vit_b_ori_table_and_shapes():
   assert sum(k.startswith("image_encoder.") for k in shapes) == 189
   assert sum(k.startswith("prompt_encoder.") for k in shapes) == 15
   expected = {
-      "image_encoder.pos_embed": (1, 8, 8, 8, 768), "image_encoder.patch_embed.proj.weight": (768, 1, 16, 16, 16),
+      "image_encoder.pos_embed": (1, 8, 8, 8, 768),
+      "image_encoder.patch_embed.proj.weight": (768, 1, 16, 16, 16),
       "image_encoder.blocks.0.attn.rel_pos_d": (27, 64), "image_encoder.blocks.2.attn.rel_pos_w": (15, 64),
-      "image_encoder.blocks.11.attn.qkv.weight": (2304, 768), "image_encoder.blocks.4.mlp.lin1.weight": (3072, 768),
+      "image_encoder.blocks.11.attn.qkv.weight": (2304, 768),
+      "image_encoder.blocks.4.mlp.lin1.weight": (3072, 768),
       "image_encoder.neck.2.weight": (384, 384, 3, 3, 3), "image_encoder.neck.3.bias": (384,),
       "prompt_encoder.pe_layer.positional_encoding_gaussian_matrix": (3, 128),
-      "prompt_encoder.point_embeddings.1.weight": (1, 384), "prompt_encoder.mask_downscaling.3.weight": (16, 4, 2, 2, 2),
+      "prompt_encoder.point_embeddings.1.weight": (1, 384),
+      "prompt_encoder.mask_downscaling.3.weight": (16, 4, 2, 2, 2),
       "prompt_encoder.no_mask_embed.weight": (1, 384),
       "mask_decoder.transformer.layers.1.cross_attn_image_to_token.out_proj.weight": (384, 192),
       "mask_decoder.transformer.norm_final_attn.bias": (384,), "mask_decoder.mask_tokens.weight": (4, 384),
-      "mask_decoder.output_upscaling.0.weight": (384, 96, 2, 2, 2), "mask_decoder.output_upscaling.3.weight": (96, 48, 2, 2, 2),
+      "mask_decoder.output_upscaling.0.weight": (384, 96, 2, 2, 2),
+      "mask_decoder.output_upscaling.3.weight": (96, 48, 2, 2, 2),
       "mask_decoder.output_hypernetworks_mlps.3.layers.2.weight": (48, 384),
       "mask_decoder.iou_prediction_head.layers.2.bias": (4,),
   }
@@ -91,9 +95,9 @@ def test_vit_b_ori_table_and_shapes():
   crop = jax.ShapeDtypeStruct((2, 128, 128, 128), jnp.float32)
   embedding = jax.eval_shape(lambda v, x: model.apply(v, x, method=model.embed), variables, crop)
   assert embedding.shape == (2, 8, 8, 8, 384)
-  sparse, dense = jax.eval_shape(lambda v: model.apply(v, jnp.zeros((2, 5, 3)), jnp.ones((2, 5), jnp.int32),
-                                                       jnp.zeros((2, 32, 32, 32)), method=model.encode_prompts),
-                                 variables)
+  prompts = lambda v: model.apply(v, jnp.zeros((2, 5, 3)), jnp.ones((2, 5), jnp.int32),
+                                  jnp.zeros((2, 32, 32, 32)), method=model.encode_prompts)
+  sparse, dense = jax.eval_shape(prompts, variables)
   assert sparse.shape == (2, 6, 384) and dense.shape == (2, 8, 8, 8, 384)
   logits, iou = jax.eval_shape(lambda v, e, s, d: model.apply(v, e, s, d, method=model.decode),
                                variables, embedding, sparse, dense)
@@ -108,8 +112,8 @@ def test_bad_state_dicts_are_listed(golden):
   with pytest.raises(UserError) as e:
     convert.variables_from_state_dict(state, SMALL, "x.pth")
   message = str(e.value)
-  for part in ("missing: image_encoder.blocks.0.attn.rel_pos_h", "unexpected: mask_decoder.extra.weight",
-               "mask_decoder.iou_token.weight (2, 48) (expected (1, 48))"):
+  for part in ("1 missing: image_encoder.blocks.0.attn.rel_pos_h", "1 unexpected: mask_decoder.extra.weight",
+               "1 wrong shape: mask_decoder.iou_token.weight (2, 48) (expected (1, 48))"):
     assert part in message
   with pytest.raises(UserError, match="wrong shape"):       # the small model is not vit_b_ori
     convert.main([PTH, "/nonexistent/out"])

@@ -36,7 +36,8 @@ def test_segmenter_matches_official_clicks(segmenter):
 
 
 @pytest.mark.parametrize("points, labels, mask, match", [
-    ([[1, 2]], [1], None, "points"), ([[1, 2, 3]], [1, 0], None, "labels"), ([[1, 2, 3]], [-1], None, "labels"),
+    ([[1, 2]], [1], None, "points"), ([[1, 2, 3]], [1, 0], None, "labels"),
+    ([[1, 2, 3]], [-1], None, "labels"),
     ([[1, 2, 40]], [1], None, r"\[0, 32\)"), ([[1, 2, 3]], [1], np.zeros((8, 8, 8)), "mask_input")])
 def test_predict_rejects_bad_prompts(segmenter, points, labels, mask, match):
   embedding = np.zeros((4, 4, 4, 48), np.float32)

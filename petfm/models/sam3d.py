@@ -83,8 +83,8 @@ class Sam3DConfig:
 
 CONFIGS = {
     "vit_b_ori": Sam3DConfig(),
-    "tiny": Sam3DConfig(width=96, depth=4, num_heads=4, mlp_dim=384, global_attn_indexes=(1, 3), prompt_dim=48,
-                        decoder_mlp_dim=96, iou_hidden=32),
+    "tiny": Sam3DConfig(width=96, depth=4, num_heads=4, mlp_dim=384, global_attn_indexes=(1, 3),
+                        prompt_dim=48, decoder_mlp_dim=96, iou_hidden=32),
 }
 
 
@@ -109,10 +109,11 @@ def check_config(c: Sam3DConfig) -> None:
   if c.width % c.num_heads:
     problems.append(f"width {c.width} is not divisible by num_heads {c.num_heads}")
   if 0 < c.window_size < c.grid:
-    problems.append(f"window_size {c.window_size} is smaller than the token grid {c.grid} (several windows per "
-                    "crop are not supported)")
+    problems.append(f"window_size {c.window_size} is smaller than the token grid {c.grid} (several windows "
+                    "per crop are not supported)")
   if c.prompt_dim % 3 or c.prompt_dim % 8 or (c.prompt_dim // c.attention_downsample) % c.decoder_heads:
-    problems.append(f"prompt_dim {c.prompt_dim} must be divisible by 3, 8 and decoder_heads·attention_downsample")
+    problems.append(f"prompt_dim {c.prompt_dim} must be divisible by 3, 8 and "
+                    "decoder_heads·attention_downsample")
   if c.mask_in_chans % 4:
     problems.append(f"mask_in_chans {c.mask_in_chans} is not divisible by 4")
   if problems:
@@ -120,7 +121,8 @@ def check_config(c: Sam3DConfig) -> None:
 
 
 def _gelu(x: jax.Array) -> jax.Array:
-  return jax.nn.gelu(x, approximate=False)
+  """Exact GELU in PyTorch's form x·(1 + erf(x/√2))/2 (≈ 2× faster on CPU than jax.nn.gelu's erfc form)."""
+  return 0.5 * x * (1 + jax.lax.erf(x * np.float32(math.sqrt(0.5))))
 
 
 def _param(module: nn.Module, name: str, init, names: tuple, shape: tuple) -> jax.Array:
@@ -130,8 +132,29 @@ def _param(module: nn.Module, name: str, init, names: tuple, shape: tuple) -> ja
 def _conv(features: int, kernel: int, name: str, dtype, use_bias: bool = True, padding: int = 0) -> nn.Conv:
   return nn.Conv(features, (kernel,) * 3, strides=(kernel,) * 3 if padding == 0 else 1,
                  padding=[(padding, padding)] * 3, use_bias=use_bias, dtype=dtype, name=name,
-                 kernel_init=vit.partitioned(nn.initializers.lecun_normal(), (None,) * 3 + ("conv_in", "conv_out")),
+                 kernel_init=vit.partitioned(nn.initializers.lecun_normal(),
+                                             (None,) * 3 + ("conv_in", "conv_out")),
                  bias_init=vit.partitioned(nn.initializers.zeros, ("conv_out",)))
+
+
+class PatchConv(nn.Module):
+  """Conv3d with kernel = stride (no overlap), as patchify + matmul (much faster on CPU than XLA's conv for
+  few channels). (B, X, Y, Z, Cin) → (B, X/k, Y/k, Z/k, features); kernel (k, k, k, Cin, features) as
+  nn.Conv."""
+  features: int
+  kernel_size: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    k, cin = self.kernel_size, x.shape[-1]
+    kernel = _param(self, "kernel", nn.initializers.lecun_normal(), (None,) * 3 + ("conv_in", "conv_out"),
+                    (k, k, k, cin, self.features))
+    bias = _param(self, "bias", nn.initializers.zeros, ("conv_out",), (self.features,))
+    grid = vit.patch_grid(x.shape[1:-1], (k,) * 3)
+    y = jnp.dot(vit.patchify(x, (k,) * 3).astype(self.dtype),
+                kernel.reshape(-1, self.features).astype(self.dtype), preferred_element_type=jnp.float32)
+    return y.reshape(x.shape[0], *grid, self.features) + bias
 
 
 # ------------------------------------------------------------------------------------------- image encoder
@@ -182,20 +205,31 @@ class EncoderAttention(nn.Module):
     values = v.reshape(b, heads, n, hd)
     if pad:
       lse = jax.nn.logsumexp
-      h_hi, h_lo = lse(term_h[..., g:, :], axis=-2), lse(term_h[..., :g, :], axis=-2)   # (B, H, g, g, P) over m
-      w_all, w_hi, w_lo = (lse(term_w[..., s, :], axis=-2) for s in (slice(None), slice(g, None), slice(None, g)))
+      h_hi, h_lo = lse(term_h[..., g:, :], axis=-2), lse(term_h[..., :g, :], axis=-2)   # (B, H, g, g, P): m
+      w_all, w_hi, w_lo = (lse(term_w[..., s, :], axis=-2)
+                           for s in (slice(None), slice(g, None), slice(None, g)))
       per_m = lambda h, w: (h + w)[:, :, :, :, None, :]                            # broadcast over k
       pads = jnp.stack([lse(term_d + per_m(h_hi, w_all), axis=-1),                  # key l ≥ g
                         lse(term_d + per_m(h_lo, w_hi), axis=-1),                   # l < g, n ≥ g
                         lse((term_d + per_m(h_lo, w_lo))[..., g:], axis=-1)], -1)   # l, n < g, m ≥ g
       pad_logit = lse(pads, axis=-1) + jnp.einsum("bhijkc,hc->bhijk", q32 * scale, k_bias)
-      logits = jnp.concatenate([logits, pad_logit.reshape(b, heads, n, 1)], axis=-1)
-    probs = jax.nn.softmax(logits, axis=-1)
-    out = jnp.einsum("bhqk,bhkc->bhqc", probs[..., :n].astype(self.dtype), values)
+      pad_logit = pad_logit.reshape(b, heads, n, 1)
+    # Softmax over the n real keys (+ the padded keys' one logit), normalised after the value product.
+    top = jnp.max(logits, axis=-1, keepdims=True)
     if pad:
-      out = out + probs[..., n:] * v_bias[None, :, None, :]
+      top = jnp.maximum(top, pad_logit)
+    top = jax.lax.stop_gradient(top)
+    weights = jnp.exp(logits - top)
+    total = jnp.sum(weights, axis=-1, keepdims=True)
+    out = jnp.einsum("bhqk,bhkc->bhqc", weights.astype(self.dtype), values,
+                     preferred_element_type=jnp.float32)
+    if pad:
+      pad_weight = jnp.exp(pad_logit - top)
+      out, total = out + pad_weight * v_bias[None, :, None, :], total + pad_weight
+    out = out / total
     out = out.astype(self.dtype).reshape(b, heads, g, g, g, hd).transpose(0, 2, 3, 4, 1, 5)
-    return vit.dense(width, ("heads", "embed"), self.dtype, jnp.float32, "proj")(out.reshape(b, g, g, g, width))
+    proj = vit.dense(width, ("heads", "embed"), self.dtype, jnp.float32, "proj")
+    return proj(out.reshape(b, g, g, g, width))
 
 
 class EncoderBlock(nn.Module):
@@ -222,8 +256,9 @@ class ImageEncoder3D(nn.Module):
     g = c.grid
     if x.shape[1:] != (c.img_size,) * 3:
       raise UserError(f"crop: shape {x.shape[1:]}, expected {(c.img_size,) * 3}")
-    tokens = vit.PatchEmbed(c.width, (c.patch_size,) * 3, dtype, name="patch_embed")(x[..., None].astype(dtype))
-    pos = _param(self, "pos_embed", nn.initializers.zeros, (None, None, None, None, "embed"), (1, g, g, g, c.width))
+    patch_embed = vit.PatchEmbed(c.width, (c.patch_size,) * 3, dtype, name="patch_embed")
+    tokens = patch_embed(x[..., None].astype(dtype))
+    pos = _param(self, "pos_embed", nn.initializers.zeros, (None,) * 4 + ("embed",), (1, g, g, g, c.width))
     x = tokens.reshape(-1, g, g, g, c.width).astype(jnp.float32) + pos
     for i in range(c.depth):
       window = 0 if i in c.global_attn_indexes else c.window_size
@@ -238,7 +273,8 @@ class ImageEncoder3D(nn.Module):
 
 
 class PositionEmbeddingRandom3D(nn.Module):
-  """Random-Fourier PE of coordinates in [0, 1]³ → (…, 3·F): [sin, cos, sin] of 2π(2c−1)·G, G (3, F) a buffer."""
+  """Random-Fourier PE of coordinates in [0, 1]³ → (…, 3·F): [sin, cos, sin] of 2π(2c−1)·G, G (3, F) a
+  buffer."""
   num_feats: int
 
   @nn.compact
@@ -259,11 +295,11 @@ class PromptEncoder3D(nn.Module):
     for name in ("point_embeddings_0", "point_embeddings_1", "not_a_point_embed", "no_mask_embed"):
       setattr(self, name, self.param(name, init, (1, c.prompt_dim), jnp.float32))
     dtype = DTYPES[c.dtype]
-    self.mask_downscaling_0 = _conv(c.mask_in_chans // 4, 2, None, dtype)
+    self.mask_downscaling_0 = PatchConv(c.mask_in_chans // 4, 2, dtype)
     self.mask_downscaling_1 = vit.layer_norm(None)
-    self.mask_downscaling_3 = _conv(c.mask_in_chans, 2, None, dtype)
+    self.mask_downscaling_3 = PatchConv(c.mask_in_chans, 2, dtype)
     self.mask_downscaling_4 = vit.layer_norm(None)
-    self.mask_downscaling_6 = _conv(c.prompt_dim, 1, None, dtype)
+    self.mask_downscaling_6 = PatchConv(c.prompt_dim, 1, dtype)
 
   def dense_pe(self) -> jax.Array:
     """(g, g, g, C) PE of the embedding grid; cell (i, j, k) encodes ((j+.5)/g, (i+.5)/g, (k+.5)/g)."""
@@ -273,7 +309,7 @@ class PromptEncoder3D(nn.Module):
     return self.pe_layer(jnp.asarray(np.stack([j, i, k], axis=-1)))
 
   def embed_points(self, points: jax.Array, labels: jax.Array) -> jax.Array:
-    """points (B, N, 3) voxel indices, labels (B, N) → (B, N+1, C) with the official padding point appended."""
+    """points (B, N, 3) voxel indices, labels (B, N) → (B, N+1, C), the official padding point appended."""
     b = points.shape[0]
     points = jnp.concatenate([points.astype(jnp.float32) + 0.5, jnp.zeros((b, 1, 3), jnp.float32)], axis=1)
     labels = jnp.concatenate([labels.astype(jnp.int32), jnp.full((b, 1), PADDING, jnp.int32)], axis=1)
@@ -308,21 +344,64 @@ def _decoder_norm(name: str) -> nn.LayerNorm:
   return vit.layer_norm(name, epsilon=1e-5)
 
 
+class _Linear(nn.Module):
+  """The (kernel (in, out), bias (out,)) of a Linear layer, for code that applies them in another order."""
+  features_in: int
+  features_out: int
+
+  @nn.compact
+  def __call__(self) -> tuple[jax.Array, jax.Array]:
+    kernel = _param(self, "kernel", nn.initializers.xavier_uniform(), ("embed", "heads"),
+                    (self.features_in, self.features_out))
+    return kernel, _param(self, "bias", nn.initializers.zeros, ("heads",), (self.features_out,))
+
+
 class DecoderAttention(nn.Module):
-  """SAM attention with q/k/v projected to `internal_dim`. (B, Lq, C), (B, Lk, C), (B, Lk, C) → (B, Lq, C)."""
+  """SAM attention with q/k/v projected to `internal_dim`. (B, Lq, C), (B, Lk, C), (B, Lk, C) → (B, Lq, C).
+
+  When one side has few tokens (the prompt tokens: H·Lq·Lk < (Lq + Lk)·internal_dim), the projections of the
+  long side are folded into the short side's, which is the same algebra in another order: e.g. for few
+  queries, q·(X Wk + bk)ᵀ = (q Wkᵀ)·Xᵀ + q·bk and softmax·(X Wv + bv) = (softmax·X) Wv + bv. The 512 image
+  tokens then never pass through the 384×192 projections (≈ 3.4× fewer FLOPs in the cross-attentions).
+  """
   internal_dim: int
   num_heads: int
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-    width = q.shape[-1]
-    proj = lambda n, x: vit.dense(self.internal_dim, ("embed", "heads"), self.dtype, jnp.float32, n)(
-        x.astype(self.dtype))
-    split = lambda x: x.reshape(*x.shape[:-1], self.num_heads, self.internal_dim // self.num_heads)
-    out = jax.nn.dot_product_attention(split(proj("q_proj", q)), split(proj("k_proj", k)), split(proj("v_proj", v)))
-    out = out.reshape(*out.shape[:-2], self.internal_dim)
-    return vit.dense(width, ("heads", "embed"), self.dtype, jnp.float32, "out_proj")(out).astype(jnp.float32)
+    width, inner, heads = q.shape[-1], self.internal_dim, self.num_heads
+    hd = inner // heads
+    (wq, bq), (wk, bk), (wv, bv) = (_Linear(width, inner, name=n)() for n in ("q_proj", "k_proj", "v_proj"))
+    wo, bo = _Linear(inner, width, name="out_proj")()
+    cast = lambda *xs: [x.astype(self.dtype) for x in xs]
+    q, k, v, wq, wk, wv, wo = cast(q, k, v, wq, wk, wv, wo)
+    split = lambda x: x.reshape(*x.shape[:-1], heads, hd)
+    lq, lk = q.shape[1], k.shape[1]
+    scale = hd ** -0.5
+    f32 = jnp.float32
+    if heads * lq * lk >= (lq + lk) * inner:                 # plain order
+      qh, kh, vh = split(q @ wq + bq), split(k @ wk + bk), split(v @ wv + bv)
+      out = jax.nn.dot_product_attention(qh.astype(self.dtype), kh.astype(self.dtype), vh.astype(self.dtype))
+      return (out.reshape(*out.shape[:-2], inner).astype(self.dtype) @ wo + bo).astype(f32)
+    if lq <= lk:                                             # few queries: fold Wk, Wv into them
+      qh = split(jnp.dot(q, wq, preferred_element_type=f32) + bq)                          # (B, Lq, H, hd)
+      q_fold = jnp.einsum("bqhd,chd->bqhc", qh, split(wk).astype(f32)) * scale             # (B, Lq, H, C)
+      logits = jnp.einsum("bqhc,bkc->bhqk", q_fold.astype(self.dtype), k, preferred_element_type=f32)
+      logits = logits + jnp.einsum("bqhd,hd->bhq", qh, split(bk))[..., None] * scale
+      pooled = jnp.einsum("bhqk,bkc->bqhc", jax.nn.softmax(logits, -1).astype(self.dtype), v,
+                          preferred_element_type=f32)                                    # (B, Lq, H, C)
+      out = jnp.einsum("bqhc,chd->bqhd", pooled, split(wv).astype(f32)) + split(bv)
+      return (jnp.dot(out.reshape(*out.shape[:-2], inner).astype(self.dtype), wo, preferred_element_type=f32)
+              + bo)
+    kh = split(jnp.dot(k, wk, preferred_element_type=f32) + bk)                # few keys: fold Wq, Wo
+    vh = split(jnp.dot(v, wv, preferred_element_type=f32) + bv)                            # (B, Lk, H, hd)
+    k_fold = jnp.einsum("chd,bkhd->bchk", split(wq).astype(f32), kh) * scale               # (B, C, H, Lk)
+    logits = jnp.einsum("bqc,bchk->bqhk", q, k_fold.astype(self.dtype), preferred_element_type=f32)
+    logits = logits + jnp.einsum("hd,bkhd->bhk", split(bq), kh)[:, None] * scale
+    v_fold = jnp.einsum("bkhd,hdc->bhkc", vh, wo.reshape(heads, hd, width).astype(f32))   # (B, H, Lk, C)
+    probs = jax.nn.softmax(logits, -1).astype(self.dtype)
+    return jnp.einsum("bqhk,bhkc->bqc", probs, v_fold.astype(self.dtype), preferred_element_type=f32) + bo
 
 
 class ReluMlp(nn.Module):
@@ -349,11 +428,12 @@ class TwoWayBlock(nn.Module):
   def __call__(self, queries, keys, query_pe, key_pe):
     c, dtype = self.config, DTYPES[self.config.dtype]
     cross = c.prompt_dim // c.attention_downsample
+    self_attn = DecoderAttention(c.prompt_dim, c.decoder_heads, dtype, name="self_attn")
     if self.skip_first_layer_pe:
-      queries = DecoderAttention(c.prompt_dim, c.decoder_heads, dtype, name="self_attn")(queries, queries, queries)
+      queries = self_attn(queries, queries, queries)
     else:
       q = queries + query_pe
-      queries = queries + DecoderAttention(c.prompt_dim, c.decoder_heads, dtype, name="self_attn")(q, q, queries)
+      queries = queries + self_attn(q, q, queries)
     queries = _decoder_norm("norm1")(queries)
     k = keys + key_pe
     queries = queries + DecoderAttention(cross, c.decoder_heads, dtype, name="cross_attn_token_to_image")(
@@ -398,7 +478,8 @@ class MaskDecoder3D(nn.Module):
                                                                                    c.prompt_dim))
     tokens = jnp.concatenate([out_tokens, sparse.astype(jnp.float32)], axis=1)
     src = (embedding + dense).reshape(b, g ** 3, c.prompt_dim)
-    hs, src = TwoWayTransformer3D(c, name="transformer")(src, image_pe.reshape(g ** 3, c.prompt_dim)[None], tokens)
+    transformer = TwoWayTransformer3D(c, name="transformer")
+    hs, src = transformer(src, image_pe.reshape(g ** 3, c.prompt_dim)[None], tokens)
     # The two stride-2 transposed convs act per voxel, so the features stay in a blocked layout
     # (B, g, g, g, 2, 2, 2, 2, 2, 2, C/8) and only the final logits are interleaved to (B, 4g, 4g, 4g).
     up = _ConvTranspose2(c.prompt_dim // 4, dtype, name="output_upscaling_0")(src.reshape(b, g, g, g, -1))
@@ -429,7 +510,8 @@ class _ConvTranspose2(nn.Module):
     kernel = _param(self, "kernel", nn.initializers.lecun_normal(in_axis=0, out_axis=-1),
                     ("conv_in", None, None, None, "conv_out"), (cin, 2, 2, 2, self.features))
     bias = _param(self, "bias", nn.initializers.zeros, ("conv_out",), (self.features,))
-    y = jnp.dot(x.astype(self.dtype), kernel.reshape(cin, -1).astype(self.dtype), preferred_element_type=jnp.float32)
+    y = jnp.dot(x.astype(self.dtype), kernel.reshape(cin, -1).astype(self.dtype),
+                preferred_element_type=jnp.float32)
     return y.reshape(*x.shape[:-1], 2, 2, 2, self.features) + bias
 
 
@@ -456,9 +538,14 @@ class Sam3D(nn.Module):
     sparse (B, N+1, C) (B, 0, C without points), dense (B, g, g, g, C)."""
     return self.prompt_encoder(points, labels, mask_logits)
 
-  def decode(self, embedding: jax.Array, sparse: jax.Array, dense: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """→ low-res logits (B, 4g, 4g, 4g) float32, IoU prediction (B,)."""
-    return self.mask_decoder(embedding, self.prompt_encoder.dense_pe(), sparse, dense)
+  def dense_pe(self) -> jax.Array:
+    """(g, g, g, C) positional encoding of the embedding grid (depends only on the buffers: compute once)."""
+    return self.prompt_encoder.dense_pe()
+
+  def decode(self, embedding: jax.Array, sparse: jax.Array, dense: jax.Array,
+             image_pe: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """→ low-res logits (B, 4g, 4g, 4g) float32, IoU prediction (B,). `image_pe`: `dense_pe()` if given."""
+    return self.mask_decoder(embedding, self.dense_pe() if image_pe is None else image_pe, sparse, dense)
 
   def __call__(self, crops, points, labels, mask_logits):
     embedding = self.embed(crops)
@@ -466,7 +553,7 @@ class Sam3D(nn.Module):
 
 
 def upsample_logits(logits: jax.Array, size: int) -> jax.Array:
-  """(B, s, s, s) low-res logits → (B, size, size, size), trilinear with align_corners=False (as F.interpolate)."""
+  """(B, s, s, s) logits → (B, size, size, size), trilinear, align_corners=False (as F.interpolate)."""
   return jax.image.resize(logits, (logits.shape[0],) + (size,) * 3, "linear")
 
 

@@ -1,14 +1,14 @@
-"""`petfm convert-sam-med3d IN.pth OUT_DIR`: official SAM-Med3D(-turbo) / SegAnyPET weights → Orbax, without torch.
+"""`petfm convert-sam-med3d IN.pth OUT_DIR`: official SAM-Med3D(-turbo) / SegAnyPET weights → Orbax, no torch.
 
-The `.pth` (torch zip container) is read by `petfm.io.torch_pickle`, which rebuilds tensors as numpy and admits
-no other code; training-style checkpoints also pickle an `argparse.Namespace`, `collections.Counter`s and numpy
-scalars beside the weights, and only those (`INERT_OBJECTS`) are admitted, as inert placeholders. The weights
-are `model_state_dict` or a bare state dict, optionally with the DDP `module.` prefix. Every tensor of the model
-(324 for vit_b_ori) is mapped by name, with its shape checked; missing, unexpected or mis-shaped tensors are
-listed in one `UserError`. `pixel_mean` / `pixel_std` (unused buffers) are ignored.
+The `.pth` (torch zip container) is read by `petfm.io.torch_pickle`, which rebuilds tensors as numpy and
+admits no other code; training-style checkpoints also pickle an `argparse.Namespace`, `collections.Counter`s
+and numpy scalars beside the weights, and only those (`INERT_OBJECTS`) are admitted, as inert placeholders.
+The weights are `model_state_dict` or a bare state dict, optionally with the DDP `module.` prefix. Every
+tensor of the model (324 for vit_b_ori) is mapped by name, with its shape checked; missing, unexpected or
+mis-shaped tensors are listed in one `UserError`. `pixel_mean` / `pixel_std` (unused buffers) are ignored.
 
-Name rule: a flax path `a/blocks_3/attn/qkv/kernel` is the torch key `a.blocks.3.attn.qkv.weight` (`_N` → `.N`;
-kernel/scale → weight; the encoder MLP's fc1/fc2 are lin1/lin2; embedding tables `X` are `X.weight`).
+Name rule: a flax path `a/blocks_3/attn/qkv/kernel` is the torch key `a.blocks.3.attn.qkv.weight` (`_N` →
+`.N`; kernel/scale → weight; the encoder MLP's fc1/fc2 are lin1/lin2; embedding tables `X` are `X.weight`).
 Tensor rule: Linear (out, in) → (in, out); Conv3d (O, I, k, k, k) → (k, k, k, I, O); ConvTranspose3d
 (I, O, 2, 2, 2) → (I, 2, 2, 2, O) (the layout of `sam3d._ConvTranspose2`, no flip needed); everything else is
 copied. OUT_DIR gets `config.json` (the `Sam3DConfig`) and `variables/` (Orbax: {'params', 'buffers'}).
@@ -38,6 +38,7 @@ INERT_OBJECTS = frozenset({
     "numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar", "torch.torch_version.TorchVersion",
 })
 IGNORED_KEYS = ("pixel_mean", "pixel_std")
+MAX_LISTED = 12                    # tensors named per category in an error message
 EMBEDDINGS = ("point_embeddings_0", "point_embeddings_1", "not_a_point_embed", "no_mask_embed", "iou_token",
               "mask_tokens")
 _RENAME = {"fc1": "lin1", "fc2": "lin2"}
@@ -109,11 +110,13 @@ def variables_from_state_dict(state: Mapping[str, np.ndarray], config: sam3d.Sam
   misshaped = [f"{k} {tuple(np.shape(v))} (expected {by_key[k].torch_shape})" for k, v in state.items()
                if k in by_key and tuple(np.shape(v)) != by_key[k].torch_shape]
   if missing or unexpected or misshaped:
-    parts = [f"{label}: {', '.join(items)}" for label, items in
+    shown = lambda items: ", ".join(items[:MAX_LISTED]) + (
+        f" … and {len(items) - MAX_LISTED} more" if len(items) > MAX_LISTED else "")
+    parts = [f"{len(items)} {label}: {shown(items)}" for label, items in
              (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped)) if items]
     raise UserError(f"{source}: does not fit SAM-Med3D ({len(table)} tensors expected): " + "; ".join(parts))
-  flat = {tuple(e.path.split("/")): np.ascontiguousarray(_to_ours(e.rule, np.asarray(state[e.key], np.float32)))
-          for e in table}
+  convert = lambda e: np.ascontiguousarray(_to_ours(e.rule, np.asarray(state[e.key], np.float32)))
+  flat = {tuple(e.path.split("/")): convert(e) for e in table}
   return traverse_util.unflatten_dict(flat)
 
 

@@ -1,7 +1,7 @@
 """The official SAM-Med3D / SegAnyPET inference preprocessing, and the way back to the original image grid.
 
-Official steps (SAM-Med3D `utils/infer_utils.py`, torchio): resample to 1.5 mm isotropic (linear for the image),
-reorient to RAS+ (`ToCanonical`), crop or zero-pad to 128³ centred on the target's bounding box
+Official steps (SAM-Med3D `utils/infer_utils.py`, torchio): resample to 1.5 mm isotropic (linear for the
+image), reorient to RAS+ (`ToCanonical`), crop or zero-pad to 128³ centred on the target's bounding box
 (`CropOrPad(mask_name=...)`), then z-normalise with the mean and (Bessel-corrected) standard deviation of the
 crop's voxels > 0 (`ZNormalization(masking_method=x > 0)`), which is also SegAnyPET's only PET normalisation
 (no SUV conversion or clipping). Here the canonical 1.5 mm grid is `petfm.data.geometry`'s (voxel centres from
@@ -65,8 +65,9 @@ def prepare(image: np.ndarray, affine: np.ndarray, roi: np.ndarray | None = None
   """Official crop of an image (X, Y, Z) on its NIfTI grid `affine`.
 
   The crop is centred on the bounding box of `roi` (a mask on the same grid, e.g. the label used to simulate
-  clicks), else on `centre` (voxel indices of the original grid, e.g. a first click), else on the image centre.
-  Returns (crop (size,)*3 float32 z-normalised over voxels > 0, geometry, roi on the crop grid (uint8) or None).
+  clicks), else on `centre` (voxel indices of the original grid, e.g. a first click), else on the image
+  centre. Returns (crop (size,)*3 float32 z-normalised over voxels > 0, geometry, roi on the crop grid
+  (uint8) or None).
   """
   image = np.asarray(image)
   if image.ndim != 3:
@@ -100,7 +101,8 @@ def prepare(image: np.ndarray, affine: np.ndarray, roi: np.ndarray | None = None
 
 
 def z_normalise(crop: np.ndarray) -> np.ndarray:
-  """(x − mean) / std over the voxels > 0 (std with Bessel's correction, as torch); the whole crop is scaled."""
+  """(x − mean) / std over the voxels > 0 (std with Bessel's correction, as torch), applied to the whole
+  crop."""
   values = crop[crop > 0]
   if values.size < 2 or values.std() == 0:
     raise UserError("image: the crop has fewer than 2 distinct voxels > 0; cannot z-normalise")
@@ -110,7 +112,8 @@ def z_normalise(crop: np.ndarray) -> np.ndarray:
 def to_original(mask: np.ndarray, geo: CropGeometry) -> np.ndarray:
   """A crop-grid label map (size,)*3 → the original image grid (nearest neighbour, as the official
   postprocess); original voxels outside the crop get 0."""
-  return geometry.resample(np.asarray(mask), geo.affine, geo.original_affine, geo.original_shape, order=0, cval=0)
+  return geometry.resample(np.asarray(mask), geo.affine, geo.original_affine, geo.original_shape, order=0,
+                           cval=0)
 
 
 def points_to_crop(points: np.ndarray, geo: CropGeometry) -> np.ndarray:

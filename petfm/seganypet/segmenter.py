@@ -1,4 +1,5 @@
-"""`Segmenter`: promptable 3-D segmentation with SAM-Med3D / SegAnyPET weights (like segment-anything's predictor).
+"""`Segmenter`: promptable 3-D segmentation with SAM-Med3D / SegAnyPET weights (like segment-anything's
+predictor).
 
   seg = Segmenter.from_checkpoint("seganypet_v2/")        # made by `petfm convert-sam-med3d`
   emb = seg.embed(crop)                                   # crop (128, 128, 128), see preprocess.prepare
@@ -33,11 +34,13 @@ def embed(model: sam3d.Sam3D, variables: Any, crops: jax.Array) -> jax.Array:
 
 
 def prompt_and_decode(model: sam3d.Sam3D, variables: Any, embeddings: jax.Array, points: jax.Array | None,
-                      labels: jax.Array | None, mask_logits: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """embeddings (B, g, g, g, C), points (B, N, 3) / labels (B, N) or None, mask_logits (B, 4g, 4g, 4g) →
-  (low-res logits (B, 4g, 4g, 4g), IoU prediction (B,))."""
+                      labels: jax.Array | None, mask_logits: jax.Array, image_pe: jax.Array | None = None
+                      ) -> tuple[jax.Array, jax.Array]:
+  """embeddings (B, g, g, g, C), points (B, N, 3) / labels (B, N) or None, mask_logits (B, 4g, 4g, 4g),
+  optional precomputed `Sam3D.dense_pe` (g, g, g, C) → (low-res logits (B, 4g, 4g, 4g), IoU prediction
+  (B,))."""
   sparse, dense = model.apply(variables, points, labels, mask_logits, method=sam3d.Sam3D.encode_prompts)
-  return model.apply(variables, embeddings, sparse, dense, method=sam3d.Sam3D.decode)
+  return model.apply(variables, embeddings, sparse, dense, image_pe, method=sam3d.Sam3D.decode)
 
 
 class Segmenter:
@@ -48,7 +51,8 @@ class Segmenter:
     self.config, self.variables = config, variables
     self.model = sam3d.Sam3D(config)
     self._embed = jax.jit(lambda v, x: embed(self.model, v, x))
-    self._predict = jax.jit(lambda v, e, p, l, m: prompt_and_decode(self.model, v, e, p, l, m))
+    self._predict = jax.jit(lambda v, e, p, l, m, pe: prompt_and_decode(self.model, v, e, p, l, m, pe))
+    self.image_pe = jax.jit(lambda v: self.model.apply(v, method=sam3d.Sam3D.dense_pe))(variables)
 
   @classmethod
   def from_checkpoint(cls, directory: str) -> Segmenter:
@@ -92,7 +96,7 @@ class Segmenter:
     elif tuple(np.shape(mask_input)) != shape:
       raise UserError(f"mask_input: shape {np.shape(mask_input)}, expected {shape}")
     return self._predict(self.variables, embeddings, jnp.asarray(points), jnp.asarray(labels, jnp.int32),
-                         jnp.asarray(mask_input, jnp.float32))
+                         jnp.asarray(mask_input, jnp.float32), self.image_pe)
 
   def predict(self, embedding: jax.Array, points: Sequence[Sequence[float]] | np.ndarray,
               labels: Sequence[int] | np.ndarray, mask_input: np.ndarray | None = None
@@ -107,7 +111,8 @@ class Segmenter:
     return logits[0], float(iou[0])
 
   def upsample(self, logits: jax.Array) -> jax.Array:
-    """Low-res logits (…, 4g, 4g, 4g) → (…, S, S, S), trilinear (align_corners=False, as the official code)."""
+    """Low-res logits (…, 4g, 4g, 4g) → (…, S, S, S), trilinear (align_corners=False, as the official
+    code)."""
     squeeze = logits.ndim == 3
     out = sam3d.upsample_logits(logits[None] if squeeze else logits, self.config.img_size)
     return out[0] if squeeze else out

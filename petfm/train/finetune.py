@@ -426,16 +426,13 @@ def load_finetuned(workdir: str) -> tuple[ml_collections.ConfigDict, Setup, Any]
   return config, setup, state["params"]
 
 
-def demo(data_dir: str, pretrain_workdir: str, workdir: str, steps: int = 150) -> dict[str, Any]:
-  """`make demo`: fine-tunes a tiny UNETR lesion head on the cohort in `data_dir` from the encoders of
-  `pretrain_workdir`, prints Dice / FPV / FNV on the test split and returns the results."""
-  config = config_lib.load_config(os.path.join(os.path.dirname(__file__), "..", "..", "experiments",
-                                               "finetune.py:tiny,task=lesions,protocol=finetune"),
-                                  {"data_dir": data_dir, "init_from": pretrain_workdir, "total_steps": steps})
-  results = train(config, workdir)
-  print(f"lesion segmentation on the {results['split']} split ({len(results['studies'])} studies): "
-        f"Dice {results['dice']:.3f}, FPV {results['fpv_ml']:.1f} mL, FNV {results['fnv_ml']:.1f} mL")
-  return results
+def summary_line(results: dict[str, Any]) -> str:
+  """One human-readable line of a run's results."""
+  if results["task"] == "lesions":
+    return (f"lesion segmentation on the {results['split']} split ({len(results['studies'])} studies): "
+            f"Dice {results['dice']:.3f}, FPV {results['fpv_ml']:.1f} mL, FNV {results['fnv_ml']:.1f} mL")
+  return (f"Ann Arbor staging on the {results['split']} split: accuracy {results['accuracy']:.3f}, "
+          f"macro-F1 {results['macro_f1']:.3f}, AUC {results['macro_auc']:.3f}")
 
 
 def main(argv: list[str]) -> int:
@@ -446,4 +443,5 @@ def main(argv: list[str]) -> int:
     raise UserError("--workdir is required")
   results = train(parsed.config, parsed.workdir)
   print(json.dumps({k: v for k, v in results.items() if k != "studies"}, default=float))
+  print(summary_line(results))
   return 0

@@ -1,19 +1,20 @@
-"""Makes the SAM-Med3D golden files for tests/test_sam3d.py with the official PyTorch code (run once, needs torch).
+"""Makes the SAM-Med3D golden files for tests/test_sam3d.py with the official PyTorch code (run once, needs
+torch).
 
   /work/venv-torch/bin/python tests/golden/make_sam_med3d.py SAM_MED3D_CHECKOUT [OUT_DIR]
 
 SAM_MED3D_CHECKOUT is a checkout of github.com/uni-medical/SAM-Med3D (read at f3de1fa); its three model files
-(`segment_anything/modeling/{image_encoder3D,prompt_encoder3D,mask_decoder3D}.py`) are imported from there, never
-copied. The model is `vit_b_ori`'s architecture (same classes and code paths: windowed blocks with zero-padding,
-global blocks, decomposed rel-pos, neck, prompt encoder, two-way decoder) at reduced sizes: crop 32³, patch 8
-(4³ tokens), width 48, 3 blocks (block 1 global), window 6 (pads 4³ → 6³), prompt dim 48, decoder MLP 64.
-All weights, including the zero-initialised rel-pos tables and pos_embed, are drawn at random.
+(`segment_anything/modeling/{image_encoder3D,prompt_encoder3D,mask_decoder3D}.py`) are imported from there,
+never copied. The model is `vit_b_ori`'s architecture (same classes and code paths: windowed blocks with
+zero-padding, global blocks, decomposed rel-pos, neck, prompt encoder, two-way decoder) at reduced sizes: crop
+32³, patch 8 (4³ tokens), width 48, 3 blocks (block 1 global), window 6 (pads 4³ → 6³), prompt dim 48, decoder
+MLP 64. All weights, including the zero-initialised rel-pos tables and pos_embed, are drawn at random.
 
 Writes sam_med3d_small.pth: a training-style checkpoint {'epoch', 'model_state_dict' (with the DDP `module.`
 prefix), 'args' (argparse.Namespace), 'used_datas' (collections.Counter)}, and sam_med3d_small_io.npz: crop,
 image embedding (channel-first, as torch), and for two clicks the low-res logits and IoU prediction (mask 0):
-click 1 = one positive point with a zero mask prompt (the official loops), click 2 = that point plus a negative
-one with click 1's logits as the mask prompt.
+click 1 = one positive point with a zero mask prompt (the official loops), click 2 = that point plus a
+negative one with click 1's logits as the mask prompt.
 """
 
 import argparse
@@ -46,7 +47,8 @@ def main() -> None:
   parser.add_argument("checkout")
   parser.add_argument("out_dir", nargs="?", default=os.path.dirname(os.path.abspath(__file__)))
   args = parser.parse_args()
-  enc, prm, dec = (_module(args.checkout, n) for n in ("image_encoder3D", "prompt_encoder3D", "mask_decoder3D"))
+  names = ("image_encoder3D", "prompt_encoder3D", "mask_decoder3D")
+  enc, prm, dec = (_module(args.checkout, n) for n in names)
   c = CONFIG
   torch.manual_seed(0)
   grid = c["img_size"] // c["patch_size"]
@@ -56,7 +58,8 @@ def main() -> None:
       norm_layer=lambda d: torch.nn.LayerNorm(d, eps=1e-6), use_rel_pos=True,
       global_attn_indexes=c["global_attn_indexes"], window_size=c["window_size"])
   prompt_encoder = prm.PromptEncoder3D(embed_dim=c["prompt_dim"], image_embedding_size=(grid,) * 3,
-                                       input_image_size=(c["img_size"],) * 3, mask_in_chans=c["mask_in_chans"])
+                                       input_image_size=(c["img_size"],) * 3,
+                                       mask_in_chans=c["mask_in_chans"])
   mask_decoder = dec.MaskDecoder3D(transformer_dim=c["prompt_dim"], num_multimask_outputs=3, iou_head_depth=3,
                                    iou_head_hidden_dim=c["iou_hidden"])
   # MaskDecoder3D hard-codes a 2-layer, 8-head transformer with MLP 2048; same class, smaller MLP.

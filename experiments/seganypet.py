@@ -1,0 +1,86 @@
+r"""SegAnyPET click-simulation training (SAM-Med3D architecture, or the FratMAE twin-encoder variant).
+
+COMMAND (tiny model on the synthetic cohort, CPU):
+  petfm train-seganypet --config experiments/seganypet.py:tiny --workdir runs/seganypet_tiny \
+      --config.data_dir=demo_out/records
+
+ARG is a variant optionally followed by comma-separated settings:
+  variant   tiny | vit_b_ori                      (tiny: 32³ crops, tiny Sam3D; vit_b_ori: the official 128³ model)
+  backbone  sam3d | fratmae_twin                  (default sam3d: PET only; fratmae_twin: PET + CT twin ViTs)
+  cpcl      False | True                          (cross-prompting confident learning, see petfm/train/seganypet.py)
+e.g. `tiny`, `tiny,backbone=fratmae_twin`, `vit_b_ori,cpcl=True`. `--config.init_from=DIR` starts from a
+`petfm convert-sam-med3d` directory (sam3d) or a `petfm pretrain` workdir (fratmae_twin encoders).
+"""
+
+import dataclasses
+
+import ml_collections
+
+from petfm.config import parse_arg
+from petfm.data import pipelines
+from petfm.models import sam3d
+from petfm.seganypet import promptable
+
+VARIANTS = {
+    # crop side, Sam3D config name + overrides, twin ViT sizes, batch, steps, lr, click rounds, zoom
+    "tiny": dict(crop=32, sam="tiny", sam_overrides=dict(patch_size=8), encoder=dict(width=64, depth=2,
+                 num_heads=4, mlp_dim=128), batch_size=8, total_steps=200, lr=1e-3, warmup_steps=10, rounds=4,
+                 zoom=1.0),
+    "vit_b_ori": dict(crop=128, sam="vit_b_ori", sam_overrides={}, encoder=dict(width=768, depth=12, num_heads=12,
+                      mlp_dim=3072), batch_size=12, total_steps=100_000, lr=8e-5, warmup_steps=1_000, rounds=11,
+                      zoom=1.0),
+}
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  args = parse_arg(arg, variant="tiny", backbone="sam3d", cpcl=False)
+  if args.variant not in VARIANTS:
+    raise ValueError(f"unknown variant {args.variant!r}; known: {', '.join(VARIANTS)}")
+  v = VARIANTS[args.variant]
+  c = ml_collections.ConfigDict()
+  c.variant, c.backbone = args.variant, args.backbone
+  c.seed = 0
+  c.data_dir = "demo_out/records"
+  c.total_steps = v["total_steps"]
+  c.batch_size = v["batch_size"]                     # global, over all processes and devices
+  c.distributed = False
+  c.dtype = "float32"                                # compute dtype: float32 or bfloat16 (params stay float32)
+  c.init_from = ""                                   # convert-sam-med3d dir (sam3d) / pretrain workdir (twin)
+
+  # Every Sam3DConfig field of the named config (img_size = the crop side), overridable one by one.
+  sizes = dataclasses.asdict(sam3d.get_config(v["sam"], img_size=v["crop"], **v["sam_overrides"]))
+  sizes.pop("dtype")
+  c.model = ml_collections.ConfigDict(dict(sam=v["sam"], **sizes))
+  c.model.encoder = ml_collections.ConfigDict(v["encoder"])   # twin ViT sizes (fratmae_twin only)
+  # PET input: "znorm" = SAM-Med3D's z-normalisation over SUV > 0 (needs suv_scale="linear"), or "none"
+  # (the pipeline's [-1, 1] scaling, as FratMAE pretraining sees it).
+  c.pet_norm = "znorm" if args.backbone == "sam3d" else "none"
+
+  c.data = pipelines.default_crop_config()
+  c.data.crop_size = (v["crop"],) * 3
+  c.data.zoom = v["zoom"]
+  c.data.channels = ("pet",) if args.backbone == "sam3d" else ("pet", "ct")
+  c.data.samples_per_read = 2
+  if args.backbone == "sam3d":
+    c.data.suv_scale = "linear"
+    c.data.suv_clip = promptable.OFFICIAL_INTENSITIES["suv_clip"]
+    c.data.augment.intensity_scale = 0.0             # removed by the z-normalisation anyway
+    c.data.augment.intensity_shift = 0.0
+  c.data.augment.flips = ("lr", "ap", "si")          # SAM-Med3D flips all three axes
+
+  c.clicks = ml_collections.ConfigDict(dict(rounds=v["rounds"]))   # click rounds per sample (loss summed)
+  c.cpcl = ml_collections.ConfigDict(dict(enabled=args.cpcl, start_step=0))
+
+  c.optim = ml_collections.ConfigDict(dict(
+      lr=v["lr"], warmup_steps=v["warmup_steps"], min_lr_ratio=0.01, weight_decay=0.1, b1=0.9, b2=0.999,
+      grad_clip=1.0, accum_steps=1))
+
+  c.mesh = [("data", -1), ("fsdp", 1), ("tensor", 1)]
+  c.sharding_rules = [
+      ("act_batch", ("data", "fsdp")), ("act_len", None), ("act_embed", None), ("act_mlp", "tensor"),
+      ("act_heads", "tensor"), ("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"), ("kv", None),
+      ("patch", None), ("norm", None), ("conv_in", None), ("conv_out", None),
+  ]
+  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=100, keep=3, async_save=True))
+  c.log_every_steps = 10
+  return c

@@ -1,0 +1,199 @@
+"""Click simulation, click training (loss, resume, twin backbone), eval-clicks and the segment CLI."""
+
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import fixtures_records
+from petfm import config as config_lib
+from petfm.models.sam3d import NEGATIVE, PADDING, POSITIVE
+from petfm.seganypet import clicks, promptable
+from petfm.train import seganypet
+
+# A very small Sam3D (fast to compile on CPU) on 32³ crops.
+SMALL_MODEL = {"model.width": 32, "model.depth": 2, "model.num_heads": 2, "model.mlp_dim": 64,
+               "model.global_attn_indexes": (1,), "model.window_size": 0, "model.prompt_dim": 24,
+               "model.decoder_heads": 4, "model.decoder_mlp_dim": 32, "model.iou_hidden": 16,
+               "model.mask_in_chans": 8, "model.encoder.width": 32, "model.encoder.depth": 1,
+               "model.encoder.num_heads": 2, "model.encoder.mlp_dim": 64}
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+  return fixtures_records.make_cohort(str(tmp_path_factory.mktemp("cohort")), {"train": 2, "test": 1})
+
+
+def _params(workdir):
+  return promptable.load_trained(str(workdir))[1]["params"]
+
+
+def _losses(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line)["loss"] for line in f]
+
+
+# ------------------------------------------------------------------------------------------- click sampling
+
+
+def test_sample_clicks_land_in_the_error_region():
+  truth = np.zeros((3, 6, 6, 6), bool)
+  truth[:, 1:4, 1:4, 1:4] = True
+  pred = np.zeros_like(truth)
+  pred[1] = truth[1]
+  pred[1, 5, 5, 5] = True                          # sample 1: one false positive, no false negative
+  pred[2] = truth[2]                               # sample 2: exact → a truth voxel, positive
+  key = jax.random.key(3)
+  for seed in range(5):
+    points, labels = clicks.sample_clicks(jax.random.fold_in(key, seed), jnp.asarray(pred), jnp.asarray(truth))
+    points, labels = np.asarray(points), np.asarray(labels)
+    assert truth[0][tuple(points[0])] and labels[0] == POSITIVE          # FN → positive
+    assert tuple(points[1]) == (5, 5, 5) and labels[1] == NEGATIVE       # FP → negative
+    assert truth[2][tuple(points[2])] and labels[2] == POSITIVE
+  again = clicks.sample_clicks(jax.random.fold_in(key, 4), jnp.asarray(pred), jnp.asarray(truth))
+  assert np.array_equal(np.asarray(again[0]), points) and np.array_equal(np.asarray(again[1]), labels)
+  draws = {tuple(np.asarray(clicks.sample_clicks(jax.random.key(s), jnp.asarray(pred), jnp.asarray(truth))[0][0]))
+           for s in range(20)}
+  assert len(draws) > 5                                                   # uniform over the region, not fixed
+  empty = clicks.sample_clicks(key, jnp.zeros((1, 4, 4, 4), bool), jnp.zeros((1, 4, 4, 4), bool))
+  assert int(empty[1][0]) == PADDING
+
+
+def test_next_click_picks_the_largest_error_component_centre():
+  truth = np.zeros((12, 12, 12), bool)
+  truth[2:9, 2:9, 2:9] = True                      # 7³ cube, centre (5, 5, 5)
+  point, label = clicks.next_click(np.zeros_like(truth), truth)
+  assert tuple(point) == (5, 5, 5) and label == POSITIVE
+  pred = truth.copy()
+  pred[10:12, 0:12, 0:12] = True                   # 288-voxel FP slab beats a 1-voxel FN
+  pred[5, 5, 5] = False
+  point, label = clicks.next_click(pred, truth)
+  assert point[0] in (10, 11) and label == NEGATIVE and not truth[tuple(point)]
+  assert clicks.next_click(truth, truth) is None
+
+
+# ------------------------------------------------------------------------------------------------ training
+
+
+@pytest.fixture(scope="module")
+def trained(cohort, tmp_path_factory):
+  """A small model trained for 8 steps (checkpoints at 4 and 8)."""
+  workdir = str(tmp_path_factory.mktemp("trained"))
+  seganypet.train(_config(cohort), workdir)
+  return workdir
+
+
+def _config(data_dir, arg="tiny", **overrides):
+  return config_lib.load_config(f"experiments/seganypet.py:{arg}", {
+      **SMALL_MODEL, "data_dir": data_dir, "batch_size": 8, "clicks.rounds": 2, "total_steps": 8,
+      "optim.lr": 3e-3, "optim.warmup_steps": 1, "log_every_steps": 1, "checkpoint.every_steps": 4,
+      "checkpoint.async_save": False, **overrides})
+
+
+def test_training_reduces_loss_and_resume_equals_uninterrupted(cohort, trained, tmp_path):
+  losses = _losses(trained)
+  assert len(losses) == 8 and np.mean(losses[-3:]) < np.mean(losses[:3])
+  spec = json.loads(open(os.path.join(trained, "model.json")).read())
+  assert spec["backbone"] == "sam3d" and spec["spacing"] == list(fixtures_records.SPACING)
+  # interrupted after step 4: the copy keeps only that checkpoint and resumes to step 8
+  resumed = tmp_path / "resumed"
+  shutil.copytree(trained, resumed)
+  shutil.rmtree(resumed / "checkpoints" / "8")
+  seganypet.train(_config(cohort), str(resumed))
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+               _params(trained), _params(resumed))
+  assert _losses(resumed)[8:] == losses[4:]
+
+
+# ------------------------------------------------------------------------------------------- eval-clicks
+
+
+def test_eval_clicks_writes_table_and_scores_match_metrics(cohort, trained, tmp_path):
+  from petfm import cli
+  from petfm.data import pipelines
+  from petfm.eval import metrics
+  out = tmp_path / "eval"
+  assert cli.main(["eval-clicks", "--checkpoint", trained, "--data_dir", cohort, "--out", str(out)]) == 0
+  rows = json.loads((out / "clicks.json").read_text())
+  table = (out / "clicks.md").read_text()
+  assert (out / "dice_vs_clicks.png").stat().st_size > 0 and "Dice@10" in table and "| all |" in table
+  assert {r["name"] for r in rows} >= {"lesion"}
+  # row 0 by hand: one click at the truth's most interior voxel, Dice against the crop's truth
+  model = promptable.ClickModel.load(trained)
+  batch = next(iter(pipelines.crop_dataset(cohort, "test", promptable.data_config_for(model.spec, cohort), seed=0,
+                                           train=False, batch_size=1, shard_index=0, shard_count=1)))
+  truth = batch["mask"][0] > 0
+  point, label = clicks.next_click(np.zeros_like(truth), truth)
+  pred = model.upsample(model.predict(model.embed(batch["image"][0]), [point], [label])) > 0
+  assert rows[0]["dice_1"] == pytest.approx(metrics.dice(pred, truth))
+  assert rows[0]["surface_dice_1"] == pytest.approx(metrics.surface_dice(pred, truth, fixtures_records.SPACING))
+
+
+# ----------------------------------------------------------------------------------------------- segment
+
+
+def _blob_image(path):
+  import nibabel as nib
+  shape = (24, 20, 30)
+  g = np.indices(shape)
+  blob = (g[0] - 12) ** 2 + (g[1] - 10) ** 2 + ((g[2] - 15) * 1.5) ** 2 <= 25
+  affine = np.array([[-2.0, 0, 0, 30], [0, -2.0, 0, 20], [0, 0, 3.0, -40], [0, 0, 0, 1]])   # LPS
+  nib.save(nib.Nifti1Image((0.8 + 9 * blob).astype(np.float32), affine), path)
+  return affine, shape
+
+
+def test_segment_cli_round_trip_and_interactive(trained, tmp_path, capsys):
+  import io
+  import nibabel as nib
+  from petfm.seganypet import interactive
+  affine, shape = _blob_image(str(tmp_path / "suv.nii.gz"))
+  out = str(tmp_path / "mask.nii.gz")
+  stdin = io.StringIO("12,11,15:+\nnot a point\n3,3,3:-\n\n")
+  assert interactive.main(["--image", str(tmp_path / "suv.nii.gz"), "--point", "12,10,15", "--out", out,
+                           "--checkpoint", trained, "--interactive"], stdin) == 0
+  printed = capsys.readouterr().out
+  assert "click 2 (+ (12, 11, 15))" in printed and "click 3 (- (3, 3, 3))" in printed and " ms" in printed
+  assert "error: point 'not a point'" in printed
+  mask = nib.load(out)
+  assert mask.shape == shape and np.allclose(mask.affine, affine)
+  assert set(np.unique(np.asarray(mask.dataobj))) <= {0, 1}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--point", "12,10,15"], "--checkpoint: required"),
+    (["--point", "12,10,15", "--checkpoint", "/nonexistent"], "no such directory"),
+    (["--point", "12,10"], "expected x,y,z"),
+    (["--point", "30,10,15"], "outside the image"),
+    (["--point", "12,10,15:-"], "at least one positive"),
+])
+def test_segment_cli_bad_input_one_line_exit_2(trained, tmp_path, capsys, args, message):
+  from petfm import cli
+  _blob_image(str(tmp_path / "suv.nii.gz"))
+  if "--checkpoint" not in args and message != "--checkpoint: required":
+    args = args + ["--checkpoint", trained]
+  assert cli.main(["segment", "--image", str(tmp_path / "suv.nii.gz"), "--out", str(tmp_path / "m.nii.gz"),
+                   *args]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and message in err[0]
+  (tmp_path / "bad.nii.gz").write_bytes(b"not nifti")
+  assert cli.main(["segment", "--image", str(tmp_path / "bad.nii.gz"), "--point", "1,1,1", "--out", "x.nii.gz",
+                   "--checkpoint", trained]) == 2
+  assert "cannot read" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------- twin
+
+
+def test_twin_backbone_trains_and_evaluates(cohort, tmp_path):
+  workdir = str(tmp_path / "twin")
+  metrics = seganypet.train(_config(cohort, "tiny,backbone=fratmae_twin", total_steps=2), workdir)
+  assert np.isfinite(metrics["loss"])
+  model = promptable.ClickModel.load(workdir)
+  assert model.spec.backbone == "fratmae_twin" and model.spec.channels == ("pet", "ct")
+  from petfm.seganypet import eval_clicks
+  rows = eval_clicks.evaluate(model, cohort, "test", counts=(1, 3))
+  assert rows and all(0 <= r["dice_3"] <= 1 for r in rows)
