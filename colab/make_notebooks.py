@@ -438,9 +438,207 @@ THROUGHPUT = [
     '''),
 ]
 
+
+# ------------------------------------------------------------------------------- 03 interactive segmentation
+
+# A Sam3D small enough that a smoke run compiles and trains in seconds on a CPU (as in tests/test_seganypet_clicks.py).
+SMOKE_SAM = """{
+            "model.width": 32, "model.depth": 2, "model.num_heads": 2, "model.mlp_dim": 64,
+            "model.global_attn_indexes": (1,), "model.window_size": 0, "model.prompt_dim": 24,
+            "model.decoder_heads": 4, "model.decoder_mlp_dim": 32, "model.iou_hidden": 16, "model.mask_in_chans": 8,
+            "clicks.rounds": 2, "checkpoint.async_save": False}"""
+
+SEGMENTATION = [
+    md(f'''
+        {badge("03_interactive_segmentation.ipynb")}
+
+        # Interactive (promptable) 3-D segmentation of a PET lesion
+
+        Loads a promptable model, either an official SegAnyPET / SAM-Med3D checkpoint (`.pth`, converted here
+        with `petfm convert-sam-med3d`) if you have one, or a tiny model trained in this notebook with click
+        simulation (`petfm train-seganypet`) on a synthetic cohort. Then clicks points given as voxel
+        coordinates of the PET image, shows axial / coronal / sagittal overlays after each click, and saves the
+        mask as NIfTI on the image's grid (what `petfm segment --interactive` does in a terminal).
+
+        {PLACEHOLDER_NOTE}
+    '''),
+    SETUP,
+    md("## Parameters"),
+    code(f'''
+        import os
+
+        CHECKPOINT = ""     # an official SegAnyPET / SAM-Med3D .pth, a `petfm convert-sam-med3d` directory or a
+                            # `petfm train-seganypet` workdir; "" = train the tiny model below
+        IMAGE = ""          # PET NIfTI in SUV to segment; "" = a held-out study of the synthetic cohort
+        CT = ""             # CT NIfTI (only for PET/CT models, e.g. backbone=fratmae_twin)
+        CLICKS = None       # [(x, y, z, "+" or "-"), ...] voxel indices of IMAGE, the first one positive;
+                            # None = simulated clicks on the synthetic lesion (each on the largest error)
+        NUM_CLICKS = 3      # simulated clicks when CLICKS is None
+        TRAIN_STEPS = 150   # tiny model: click-simulation training steps
+        BATCH_SIZE = 8      # global; rounded up to a multiple of the device count
+        TRAIN_OVERRIDES = {{}}                      # any experiments/seganypet.py:tiny field
+        N_STUDIES, SCALE, SPACING_MM = 12, 1.0, 4.0  # the synthetic cohort (tiny model: 32³ crops of 4 mm)
+        DATA_DIR = "petfm_data_seg"
+        WORKDIR = "petfm_runs/seganypet_tiny"
+        OUT = "petfm_runs/segmentation/mask.nii.gz"
+        SEED = 0
+
+        if os.environ.get("PETFM_NOTEBOOK_SMOKE"):  # tests/test_notebooks.py: the same steps in seconds
+          N_STUDIES, SCALE, SPACING_MM, TRAIN_STEPS, BATCH_SIZE, NUM_CLICKS = 6, 0.5, 8.0, 3, 4, 2
+          TRAIN_OVERRIDES = {SMOKE_SAM}
+    ''', parameters=True),
+    md("## Devices and data"),
+    DEVICES,
+    COHORT,
+    md('''
+        ## The promptable model
+
+        An official checkpoint is converted once into `<name>_petfm/` (config + Orbax variables); SegAnyPET and
+        SAM-Med3D work on 128³ crops of 1.5 mm around the first click. Otherwise the tiny model is trained with
+        simulated clicks (each round clicks the largest error of the previous prediction) on 32³ crops around the
+        cohort's organs and lesions; rerunning with the same `WORKDIR` resumes or reuses it.
+    '''),
+    code('''
+        from petfm import cli
+        from petfm.config import load_config
+        from petfm.seganypet import promptable
+        from petfm.train import seganypet
+
+        if CHECKPOINT.endswith(".pth"):
+          converted = CHECKPOINT[:-len(".pth")] + "_petfm"
+          if not os.path.isdir(converted):
+            assert cli.main(["convert-sam-med3d", CHECKPOINT, converted]) == 0
+          checkpoint = converted
+        elif CHECKPOINT:
+          checkpoint = CHECKPOINT
+        else:
+          config = load_config(f"{REPO}/experiments/seganypet.py:tiny", {
+              "data_dir": records_dir, "total_steps": TRAIN_STEPS, "batch_size": batch_size,
+              "optim.warmup_steps": max(1, TRAIN_STEPS // 10), "log_every_steps": max(1, TRAIN_STEPS // 10),
+              "seed": SEED, **TRAIN_OVERRIDES})
+          last = seganypet.train(config, WORKDIR)
+          print({k: round(v, 4) for k, v in last.items() if k in ("loss", "dice", "examples_per_s")})
+          checkpoint = WORKDIR
+        model = promptable.ClickModel.load(checkpoint)
+        print(f"{model.spec.backbone}: {model.size}³ crops of {model.spec.spacing} mm, channels {model.spec.channels}")
+    '''),
+    md('''
+        ## The image and the clicks
+
+        Clicks are voxel indices `(x, y, z)` of the PET image as stored in its NIfTI file (what a viewer such as
+        ITK-SNAP or 3D Slicer shows as voxel coordinates), `+` for "this is the lesion", `-` for "this is not".
+        The crop is centred on the first positive click.
+    '''),
+    code('''
+        import glob, json
+        import nibabel as nib
+        import numpy as np
+        from scipy import ndimage
+
+        truth = None
+        if IMAGE:
+          image = nib.load(IMAGE)
+        else:   # a held-out study of the synthetic cohort, and its largest lesion as the target
+          with open(os.path.join(records_dir, "manifest.json")) as f:
+            studies = json.load(f)["studies"]
+          study = next((s for s in studies if s["split"] != "train" and s["lesions"]), studies[0])["study_id"]
+          image = nib.load(os.path.join(nifti_dir, study, "SUV.nii.gz"))
+          components, _ = ndimage.label(np.asarray(nib.load(os.path.join(nifti_dir, study, "SEG.nii.gz")).dataobj) > 0)
+          truth = components == np.argmax(np.bincount(components.ravel())[1:]) + 1
+          print(f"study {study}: target lesion of {int(truth.sum())} voxels")
+        ct = nib.load(CT) if CT else None
+        suv = image.get_fdata(dtype=np.float32)
+        print("image", suv.shape, "voxel size (mm)", tuple(round(float(v), 2) for v in image.header.get_zooms()))
+    '''),
+    code('''
+        %matplotlib inline
+        import matplotlib.pyplot as plt
+        from petfm.models.sam3d import NEGATIVE, POSITIVE
+
+        # Display in RAS+ orientation (x → patient left-right, y → anterior, z → superior), voxel aspect kept.
+        ornt = nib.orientations.io_orientation(image.affine)
+        ras_affine = image.as_reoriented(ornt).affine
+        ras = lambda volume: nib.orientations.apply_orientation(np.asarray(volume), ornt)
+        zooms = np.sqrt((ras_affine[:3, :3] ** 2).sum(0))
+        suv_ras = ras(suv)
+
+        def to_ras(voxel):
+          return np.rint(np.linalg.solve(ras_affine, image.affine @ [*voxel, 1.0])[:3]).astype(int)
+
+        def show(mask, clicks, title):
+          """Axial, coronal and sagittal slices through the last click: PET, mask (red), truth (yellow), clicks."""
+          centre = to_ras(clicks[-1][0])
+          mask_ras, truth_ras = ras(mask), None if truth is None else ras(truth)
+          fig, axes = plt.subplots(1, 3, figsize=(13, 4.5))
+          vmax = np.percentile(suv_ras[suv_ras > 0], 99.5)
+          for ax, (name, axis, (u, v)) in zip(axes, (("axial", 2, (0, 1)), ("coronal", 1, (0, 2)),
+                                                     ("sagittal", 0, (1, 2)))):
+            index = [slice(None)] * 3
+            index[axis] = centre[axis]
+            index = tuple(index)
+            ax.imshow(suv_ras[index].T, origin="lower", cmap="gray_r", vmin=0, vmax=vmax,
+                      aspect=zooms[v] / zooms[u])
+            if mask_ras[index].any():
+              ax.contour(mask_ras[index].T, levels=[0.5], colors="red", linewidths=1.2)
+            if truth_ras is not None and truth_ras[index].any():
+              ax.contour(truth_ras[index].T, levels=[0.5], colors="gold", linewidths=1, linestyles="--")
+            for voxel, label in clicks:
+              p = to_ras(voxel)
+              ax.plot(p[u], p[v], "+" if label == POSITIVE else "x", color="lime" if label == POSITIVE else "red",
+                      markersize=12, markeredgewidth=2.5)
+            ax.set_title(f"{name} {centre[axis]}")
+            ax.set_axis_off()
+          fig.suptitle(title)
+          plt.show()
+    '''),
+    md("## Click, look, click again"),
+    code('''
+        from petfm.eval import metrics
+        from petfm.seganypet import clicks as click_sim, interactive, preprocess
+
+        if CLICKS is not None:
+          planned = [(np.array(c[:3]), POSITIVE if c[3] == "+" else NEGATIVE) for c in CLICKS]
+        elif truth is not None:
+          planned = [click_sim.next_click(np.zeros_like(truth), truth)]   # the lesion's most interior voxel
+        else:
+          raise ValueError("CLICKS: give the clicks for your IMAGE, e.g. [(120, 98, 143, '+')]")
+        first = next(voxel for voxel, label in planned if label == POSITIVE)
+        session = interactive.Session(model, image, first, ct)    # crops and embeds once; each click decodes
+        in_crop = preprocess.to_original(np.ones((model.size,) * 3, np.uint8), session.geo) > 0
+        done = []
+        while planned:
+          voxel, label = planned.pop(0)
+          mask = session.click(voxel, label)
+          done.append((voxel, label))
+          title = (f"click {len(done)}: {'+' if label == POSITIVE else '-'} {tuple(int(v) for v in voxel)} → "
+                   f"{int(mask.sum())} voxels")
+          if truth is not None:
+            title += f", Dice {metrics.dice(mask > 0, truth):.3f}"
+          show(mask, done, title)
+          if CLICKS is None and len(done) < NUM_CLICKS:   # next simulated click: the largest error in the crop
+            correction = click_sim.next_click(mask > 0, truth & in_crop)
+            if correction is not None:
+              planned.append(correction)
+    '''),
+    md("## Save the mask"),
+    code('''
+        interactive.save_mask(mask, image, OUT)
+        saved = nib.load(OUT)
+        print(f"{OUT}: shape {saved.shape}, {int(np.asarray(saved.dataobj).sum())} voxels, same grid as the image: "
+              f"{saved.shape == image.shape and np.allclose(saved.affine, image.affine)}")
+    '''),
+    md('''
+        The same from a terminal: `petfm segment --image SUV.nii.gz --point x,y,z --point x,y,z:- --out mask.nii.gz
+        --checkpoint DIR --interactive` reads further clicks from stdin and rewrites the mask after each one.
+        `petfm eval-clicks --checkpoint DIR --data_dir RECORDS --out DIR` scores a model over a test split
+        (Dice after 1/3/5/10 simulated clicks).
+    '''),
+]
+
 NOTEBOOKS = {
     "01_quickstart_pretraining.ipynb": QUICKSTART,
     "02_masking_ratio_ablation.ipynb": ABLATION,
+    "03_interactive_segmentation.ipynb": SEGMENTATION,
     "04_throughput.ipynb": THROUGHPUT,
 }
 
