@@ -259,8 +259,8 @@ ABLATION = [
         SEED = 0
 
         if os.environ.get("PETFM_NOTEBOOK_SMOKE"):  # tests/test_notebooks.py: the same steps in seconds
-          MASK_RATIOS, TOTAL_STEPS, BATCH_SIZE, N_STUDIES = [0.5, 0.9], 4, 4, 10
-          OVERRIDES = {SMOKE_MODEL}
+          MASK_RATIOS, TOTAL_STEPS, BATCH_SIZE, N_STUDIES = [0.75, 0.9], 4, 4, 10
+          OVERRIDES = {{**{SMOKE_MODEL}, "eval.max_batches": 2}}
     ''', parameters=True),
     md("## Devices and data"),
     DEVICES,
