@@ -496,7 +496,9 @@ SEGMENTATION = [
         An official checkpoint is converted once into `<name>_petfm/` (config + Orbax variables); SegAnyPET and
         SAM-Med3D work on 128³ crops of 1.5 mm around the first click. Otherwise the tiny model is trained with
         simulated clicks (each round clicks the largest error of the previous prediction) on 32³ crops around the
-        cohort's organs and lesions; rerunning with the same `WORKDIR` resumes or reuses it.
+        cohort's organs and lesions; rerunning with the same `WORKDIR` resumes or reuses it. The default 150 steps
+        only show the mechanics: the masks become useful after a few thousand steps (a GPU/TPU runtime, more
+        studies) or with the official weights.
     '''),
     code('''
         from petfm import cli
@@ -538,10 +540,11 @@ SEGMENTATION = [
         truth = None
         if IMAGE:
           image = nib.load(IMAGE)
-        else:   # a held-out study of the synthetic cohort, and its largest lesion as the target
+        else:   # the held-out study of the synthetic cohort with the largest lesion; that lesion is the target
           with open(os.path.join(records_dir, "manifest.json")) as f:
             studies = json.load(f)["studies"]
-          study = next((s for s in studies if s["split"] != "train" and s["lesions"]), studies[0])["study_id"]
+          held_out = [s for s in studies if s["split"] != "train" and s["lesions"]] or studies
+          study = max(held_out, key=lambda s: max((size for _, size in s["lesions"]), default=0))["study_id"]
           image = nib.load(os.path.join(nifti_dir, study, "SUV.nii.gz"))
           components, _ = ndimage.label(np.asarray(nib.load(os.path.join(nifti_dir, study, "SEG.nii.gz")).dataobj) > 0)
           truth = components == np.argmax(np.bincount(components.ravel())[1:]) + 1
@@ -565,27 +568,32 @@ SEGMENTATION = [
         def to_ras(voxel):
           return np.rint(np.linalg.solve(ras_affine, image.affine @ [*voxel, 1.0])[:3]).astype(int)
 
-        def show(mask, clicks, title):
-          """Axial, coronal and sagittal slices through the last click: PET, mask (red), truth (yellow), clicks."""
+        def show(mask, clicks, title, field_mm=160.0):
+          """Axial, coronal and sagittal slices through the last click, `field_mm` wide: PET, mask (red),
+          truth (gold, dashed), clicks (+ positive, x negative)."""
           centre = to_ras(clicks[-1][0])
-          mask_ras, truth_ras = ras(mask), None if truth is None else ras(truth)
-          fig, axes = plt.subplots(1, 3, figsize=(13, 4.5))
+          mask_ras = ras(mask).astype(np.uint8)
+          truth_ras = None if truth is None else ras(truth).astype(np.uint8)
+          half = np.ceil(field_mm / 2 / zooms).astype(int)
+          lo, hi = np.maximum(centre - half, 0), np.minimum(centre + half + 1, suv_ras.shape)
           vmax = np.percentile(suv_ras[suv_ras > 0], 99.5)
+          fig, axes = plt.subplots(1, 3, figsize=(13, 4.5))
           for ax, (name, axis, (u, v)) in zip(axes, (("axial", 2, (0, 1)), ("coronal", 1, (0, 2)),
                                                      ("sagittal", 0, (1, 2)))):
-            index = [slice(None)] * 3
+            index = [slice(lo[a], hi[a]) for a in range(3)]
             index[axis] = centre[axis]
             index = tuple(index)
-            ax.imshow(suv_ras[index].T, origin="lower", cmap="gray_r", vmin=0, vmax=vmax,
+            extent = (lo[u] - 0.5, hi[u] - 0.5, lo[v] - 0.5, hi[v] - 0.5)
+            ax.imshow(suv_ras[index].T, origin="lower", cmap="gray_r", vmin=0, vmax=vmax, extent=extent,
                       aspect=zooms[v] / zooms[u])
-            if mask_ras[index].any():
-              ax.contour(mask_ras[index].T, levels=[0.5], colors="red", linewidths=1.2)
-            if truth_ras is not None and truth_ras[index].any():
-              ax.contour(truth_ras[index].T, levels=[0.5], colors="gold", linewidths=1, linestyles="--")
+            for volume, style in ((mask_ras, dict(colors="red", linewidths=1.5)),
+                                  (truth_ras, dict(colors="gold", linewidths=1.2, linestyles="--"))):
+              if volume is not None and volume[index].any():
+                ax.contour(volume[index].T, levels=[0.5], extent=extent, origin="lower", **style)
             for voxel, label in clicks:
               p = to_ras(voxel)
               ax.plot(p[u], p[v], "+" if label == POSITIVE else "x", color="lime" if label == POSITIVE else "red",
-                      markersize=12, markeredgewidth=2.5)
+                      markersize=9, markeredgewidth=1.5)
             ax.set_title(f"{name} {centre[axis]}")
             ax.set_axis_off()
           fig.suptitle(title)
