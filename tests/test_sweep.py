@@ -1,4 +1,4 @@
-"""The sweep runner: which declared runs it trains (`only` / `--only`), their configs and the written table."""
+"""The sweep runner: which declared runs it trains (`only` / `--only`), their configs, the written table."""
 
 import json
 import os
@@ -10,7 +10,8 @@ from petfm import config as config_lib
 from petfm.errors import UserError
 from petfm.train import sweep
 
-CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", "fratmae.py")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(REPO, "experiments", "fratmae.py")
 
 
 def test_declared_masking_sweep_has_every_mode_and_ratio():
@@ -61,7 +62,8 @@ def fake_training(monkeypatch):
   calls = []
 
   def train(config, workdir):
-    calls.append((os.path.basename(workdir), config.model.mask_mode, config.model.mask_ratio, config.total_steps))
+    model = config.model
+    calls.append((os.path.basename(workdir), model.mask_mode, model.mask_ratio, config.total_steps))
     return {}
 
   monkeypatch.setattr(sweep.pretrain, "train", train)
@@ -72,7 +74,8 @@ def fake_training(monkeypatch):
 
 def test_run_sweep_trains_only_the_selected_runs_and_writes_their_table(tmp_path, fake_training):
   config = config_lib.load_config(f"{CONFIG}:tiny", {"total_steps": 7})
-  rows = sweep.run_sweep(config, CONFIG, str(tmp_path), {"mask_ratio": [0.9, 0.5], "mask_mode": ["both_masked"]})
+  only = {"mask_ratio": [0.9, 0.5], "mask_mode": ["both_masked"]}
+  rows = sweep.run_sweep(config, CONFIG, str(tmp_path), only)
   assert fake_training == [("mask_mode=both_masked,mask_ratio=0.5", "both_masked", 0.5, 7),
                            ("mask_mode=both_masked,mask_ratio=0.9", "both_masked", 0.9, 7)]
   assert json.loads((tmp_path / "sweep.json").read_text()) == rows

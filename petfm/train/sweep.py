@@ -5,9 +5,9 @@
 
 The config file declares `sweep(add)`; every `add(**overrides)` is one run (dotted names allowed, e.g.
 `add(**{"model.norm_pix_loss": False})`). `--only KEY=V1,V2,...` (repeatable) keeps the runs whose KEY is one
-of the values, for every KEY given (a subset of the sweep, e.g. for a quick look or one run per machine). Each run trains in `WORKDIR/<name>` (resuming if interrupted), is
-scored by `pretrain.evaluate`, and the table is rewritten after each run: `WORKDIR/sweep.md` (Markdown) and
-`WORKDIR/sweep.json`.
+of the values, for every KEY given (a subset of the sweep, e.g. for a quick look or one run per machine).
+Each run trains in `WORKDIR/<name>` (resuming if interrupted), is scored by `pretrain.evaluate`, and the table
+is rewritten after each run: `WORKDIR/sweep.md` (Markdown) and `WORKDIR/sweep.json`.
 """
 
 from __future__ import annotations
