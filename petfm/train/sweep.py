@@ -1,17 +1,20 @@
 """Runs the sweep declared in a config file and writes its table.
 
   petfm sweep --config experiments/fratmae.py:tiny --workdir runs/sweep [--config.FIELD=VALUE ...]
+      [--only mask_ratio=0.5,0.9 --only mask_mode=one_visible]
 
 The config file declares `sweep(add)`; every `add(**overrides)` is one run (dotted names allowed, e.g.
-`add(**{"model.norm_pix_loss": False})`). Each run trains in `WORKDIR/<name>` (resuming if interrupted), is
-scored by `pretrain.evaluate`, and the table is rewritten after each run: `WORKDIR/sweep.md` (Markdown) and
-`WORKDIR/sweep.json`.
+`add(**{"model.norm_pix_loss": False})`). `--only KEY=V1,V2,...` (repeatable) keeps the runs whose KEY is one
+of the values, for every KEY given (a subset of the sweep, e.g. for a quick look or one run per machine).
+Each run trains in `WORKDIR/<name>` (resuming if interrupted), is scored by `pretrain.evaluate`, and the table
+is rewritten after each run: `WORKDIR/sweep.md` (Markdown) and `WORKDIR/sweep.json`.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import ml_collections
@@ -38,6 +41,46 @@ def declared_runs(config_path: str) -> list[dict[str, Any]]:
   return runs
 
 
+def select_runs(runs: list[dict[str, Any]], only: Mapping[str, Sequence[Any]] | None) -> list[dict[str, Any]]:
+  """The runs whose value of every key in `only` is one of its listed values (all runs when `only` is empty).
+
+  Values match by equality or, for values given as strings (the command line), by their text: `"0.5"` selects
+  0.5. A key that no run sets, or a filter that leaves no run, raises `UserError`.
+  """
+  keys = {k for overrides in runs for k in overrides}
+  for key in only or {}:
+    if key not in keys:
+      raise UserError(f"--only {key}: not a swept field; the sweep sets {', '.join(sorted(keys))}")
+
+  def matches(value: Any, wanted: Sequence[Any]) -> bool:
+    return any(value == w or (isinstance(w, str) and _same_text(value, w)) for w in wanted)
+
+  kept = [o for o in runs if all(k in o and matches(o[k], v) for k, v in (only or {}).items())]
+  if not kept:
+    raise UserError(f"--only {dict(only)}: selects none of the {len(runs)} runs")
+  return kept
+
+
+def _same_text(value: Any, text: str) -> bool:
+  if isinstance(value, (int, float)) and not isinstance(value, bool):
+    try:
+      return float(text) == value
+    except ValueError:
+      return False
+  return str(value) == text
+
+
+def parse_only(specs: Sequence[str]) -> dict[str, list[str]]:
+  """`["mask_ratio=0.5,0.9", "mask_mode=one_visible"]` → `{"mask_ratio": ["0.5", "0.9"], ...}`."""
+  out: dict[str, list[str]] = {}
+  for spec in specs:
+    key, sep, values = spec.partition("=")
+    if not sep or not key.strip() or not values.strip():
+      raise UserError(f"--only {spec!r}: expected KEY=VALUE[,VALUE...]")
+    out.setdefault(key.strip(), []).extend(v.strip() for v in values.split(","))
+  return out
+
+
 def run_name(overrides: dict[str, Any]) -> str:
   return ",".join(f"{k}={v}" for k, v in overrides.items())
 
@@ -52,8 +95,11 @@ def markdown_table(rows: list[dict[str, Any]], keys: list[str]) -> str:
   return "\n".join(lines) + "\n"
 
 
-def run_sweep(config: ml_collections.ConfigDict, config_path: str, workdir: str) -> list[dict[str, Any]]:
-  runs = declared_runs(config_path)
+def run_sweep(config: ml_collections.ConfigDict, config_path: str, workdir: str,
+              only: Mapping[str, Sequence[Any]] | None = None) -> list[dict[str, Any]]:
+  """Trains and evaluates the declared runs (those `only` selects, see `select_runs`) on top of `config`;
+  returns the table rows `{"overrides": ..., "metrics": ...}`, also written to WORKDIR/sweep.{md,json}."""
+  runs = select_runs(declared_runs(config_path), only)
   keys = list(dict.fromkeys(k for overrides in runs for k in overrides))
   rows = []
   for overrides in runs:
@@ -72,9 +118,11 @@ def run_sweep(config: ml_collections.ConfigDict, config_path: str, workdir: str)
 def main(argv: list[str]) -> int:
   def define(fv):
     flags.DEFINE_string("workdir", None, "folder for the runs and the table", flag_values=fv)
+    flags.DEFINE_multi_string("only", [], "KEY=V1,V2: run only the declared runs with KEY in the values "
+                              "(repeatable; all keys must match)", flag_values=fv)
   parsed = config_lib.parse_command_line(argv, "sweep", define)
   if not parsed.workdir:
     raise UserError("--workdir is required")
   config_path = config_lib.config_path(argv)
-  run_sweep(parsed.config, config_path, parsed.workdir)
+  run_sweep(parsed.config, config_path, parsed.workdir, parse_only(parsed.only))
   return 0
