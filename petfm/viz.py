@@ -5,11 +5,8 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import numpy as np
+from matplotlib.figure import Figure  # object-oriented API: no global backend switch, works headless
 
 
 def _slab_image(x: np.ndarray) -> np.ndarray:
@@ -25,7 +22,8 @@ def reconstruction_figure(batch: Mapping[str, np.ndarray], aux: Mapping[str, np.
   a modality was not reconstructed) and `mask_pet`, `mask_ct` `(B, H, W)` (1 = masked).
   """
   n = min(num_samples, batch["pet"].shape[0])
-  fig, axes = plt.subplots(n, 6, figsize=(12, 2.5 * n), squeeze=False)
+  fig = Figure(figsize=(12, 2.5 * n))
+  axes = fig.subplots(n, 6, squeeze=False)
   for i in range(n):
     for j, modality in enumerate(("pet", "ct")):
       image = _slab_image(batch[modality][i])
@@ -40,13 +38,14 @@ def reconstruction_figure(batch: Mapping[str, np.ndarray], aux: Mapping[str, np.
         ax.set_axis_off()
         if i == 0:
           ax.set_title(f"{modality.upper()} {title}", fontsize=8)
-  return _save(fig, path)
+  return save_figure(fig, path)
 
 
 def line_plot(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], path: str, xlabel: str, ylabel: str,
               title: str = "", errors: Mapping[str, Sequence[float]] | None = None) -> str:
   """One line per named (x, y) series, optional error bars."""
-  fig, ax = plt.subplots(figsize=(6, 4))
+  fig = Figure(figsize=(6, 4))
+  ax = fig.subplots()
   for name, (x, y) in series.items():
     err = None if errors is None else errors.get(name)
     ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=name)
@@ -55,14 +54,14 @@ def line_plot(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], pat
   ax.set_title(title)
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
-  return _save(fig, path)
+  return save_figure(fig, path)
 
 
-def _save(fig, path: str) -> str:
+def save_figure(fig: Figure, path: str) -> str:
+  """Writes `fig` as PNG atomically (temp file + rename)."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tmp = path + ".tmp.png"
   fig.tight_layout()
   fig.savefig(tmp, dpi=100)
-  plt.close(fig)
   os.replace(tmp, path)
   return path

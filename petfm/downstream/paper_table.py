@@ -119,11 +119,12 @@ def write_table(table: Any, results: dict[str, Any], workdir: str, seconds: floa
 
 
 def _plot(table: Any, results: dict[str, Any], path: str) -> None:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  from matplotlib.figure import Figure
+
+  from petfm import viz
   panels = (("lesions/dice", "lesion Dice"), ("staging/macro_auc", "staging AUC"))
-  fig, axes = plt.subplots(1, len(panels), figsize=(11, 3.8))
+  fig = Figure(figsize=(11, 3.8))
+  axes = fig.subplots(1, len(panels))
   names = list(results)
   width = 0.8 / len(table.fractions)
   for ax, (key, title) in zip(axes, panels):
@@ -137,11 +138,7 @@ def _plot(table: Any, results: dict[str, Any], path: str) -> None:
     ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
     ax.set_title(title)
     ax.legend(fontsize=8)
-  fig.tight_layout()
-  tmp = os.path.join(os.path.dirname(path), ".tmp-" + os.path.basename(path))
-  fig.savefig(tmp, dpi=100, format="png")
-  plt.close(fig)
-  os.replace(tmp, path)
+  viz.save_figure(fig, path)
 
 
 def cli(argv: list[str]) -> int:

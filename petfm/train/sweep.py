@@ -17,6 +17,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax
 import ml_collections
 from absl import flags
 
@@ -109,8 +110,9 @@ def run_sweep(config: ml_collections.ConfigDict, config_path: str, workdir: str,
     print(f"== {name}", flush=True)
     pretrain.train(run_config, run_dir)
     rows.append({"overrides": overrides, "metrics": pretrain.evaluate(run_config, run_dir)})
-    records.write_atomic(os.path.join(workdir, "sweep.json"), json.dumps(rows, indent=2))
-    records.write_atomic(os.path.join(workdir, "sweep.md"), markdown_table(rows, keys))
+    if jax.process_index() == 0:   # one writer on multi-host runs
+      records.write_atomic(os.path.join(workdir, "sweep.json"), json.dumps(rows, indent=2))
+      records.write_atomic(os.path.join(workdir, "sweep.md"), markdown_table(rows, keys))
   print(markdown_table(rows, keys))
   return rows
 
