@@ -141,11 +141,12 @@ class ClickModel:
   def predict(self, embedding: jax.Array, points: Sequence[Sequence[int]], labels: Sequence[int],
               mask_input: jax.Array | None = None) -> jax.Array:
     """embedding (g, g, g, C'), points (N, 3) crop voxels, labels (N,), mask_input (m, m, m) previous
-    low-res logits or None (zeros) → low-res logits (m, m, m)."""
+    low-res logits or None (zeros) → low-res logits (m, m, m). Compiles once per `segmenter.capacity`."""
     m = self.spec.sam.mask_size
     mask = jnp.zeros((m, m, m)) if mask_input is None else mask_input
-    logits, _ = self._predict(self.variables, embedding[None], jnp.asarray(points, jnp.float32)[None],
-                              jnp.asarray(labels, jnp.int32)[None], mask[None])
+    points, labels = segmenter.pad_points(np.asarray(points, np.float32)[None], np.asarray(labels, np.int32)[None])
+    logits, _ = self._predict(self.variables, embedding[None], jnp.asarray(points), jnp.asarray(labels),
+                              mask[None])
     return logits[0]
 
   def upsample(self, logits: jax.Array) -> np.ndarray:
