@@ -1,6 +1,6 @@
 """Latency of SAM-Med3D vit_b_ori (random weights) on this machine: image encoder on one 128³ crop, and one
-prompt-encode + decode step with 1 click (zero mask prompt, the first click) and with 5 clicks plus the
-previous logits as mask prompt. Prints a table (median and min wall-clock time, and the median process CPU
+prompt-encode + decode step (`Segmenter.predict_batch`: points padded to the capacity 1 or 8) with 1 click
+(zero mask prompt, the first click) and with 5 clicks plus the previous logits as mask prompt. Prints a table (median and min wall-clock time, and the median process CPU
 time, which other programs on the machine disturb less; up to 2 × wall time when both cores work) and writes
 JSON.
 
@@ -46,15 +46,14 @@ def main() -> None:
   rng = np.random.default_rng(0)
   crop = rng.standard_normal((128, 128, 128)).astype(np.float32)
   embedding = seg.embed(crop)
-  points = jnp.asarray(rng.integers(0, 128, (1, 5, 3)).astype(np.float32))
-  labels = jnp.asarray([[1, 0, 1, 1, 0]], jnp.int32)
-  zeros = jnp.zeros((1, 32, 32, 32))
-  step = lambda p, l, mask: seg._predict(seg.variables, embedding[None], p, l, mask, seg.image_pe)
-  prev = step(points[:, :1], labels[:, :1], zeros)[0]
+  points = rng.integers(0, 128, (1, 5, 3)).astype(np.float32)
+  labels = np.array([[1, 0, 1, 1, 0]], np.int32)
+  step = lambda p, l, mask: seg.predict_batch(embedding[None], p, l, mask)
+  prev = np.asarray(step(points[:, :1], labels[:, :1], None)[0])
   x = jnp.asarray(crop)[None]
   cases = {
       "encoder (128³ crop)": lambda: seg._embed(seg.variables, x),
-      "prompt+decode, 1 click": lambda: step(points[:, :1], labels[:, :1], zeros),
+      "prompt+decode, 1 click": lambda: step(points[:, :1], labels[:, :1], None),
       "prompt+decode, 5 clicks + mask": lambda: step(points, labels, prev),
   }
   results = {}

@@ -1,11 +1,15 @@
-"""Segmenter API (against the official-code golden outputs) and the official crop preprocessing."""
+"""Segmenter API (against the official-code golden outputs), invisible capacity padding of points, and the
+official crop preprocessing."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from conftest import GOLDEN_DIR
 from petfm.errors import UserError
-from petfm.seganypet import Segmenter, convert, preprocess
+from petfm.models import sam3d
+from petfm.seganypet import Segmenter, convert, preprocess, segmenter as segmenter_lib
 from test_sam3d import CLICKS, PTH, SMALL, _rel
 
 
@@ -33,6 +37,62 @@ def test_segmenter_matches_official_clicks(segmenter):
   for i in range(2):
     single, single_iou = segmenter.predict(segmenter.embed(batch[i]), points[i], labels[i])
     assert _rel(logits[i], single) < 1e-5 and ious[i] == pytest.approx(single_iou, rel=1e-5)
+
+
+def _unpadded(config, variables, embedding, points, labels, mask):
+  """The official computation: exactly N points + the padding point, every token visible (jitted, as the
+  padded path, so that only the padding differs)."""
+  model = sam3d.Sam3D(config)
+
+  def run(variables, embedding, points, labels, mask):
+    sparse, dense = model.apply(variables, points, labels, mask, method=model.encode_prompts)
+    return model.apply(variables, embedding, sparse, dense, method=model.decode)
+  return jax.jit(run)(variables, embedding, points, labels, mask)
+
+
+def _clicks(rng, n, size):
+  return rng.integers(0, size, (1, n, 3)).astype(np.float32), rng.integers(0, 2, (1, n)).astype(np.int32)
+
+
+def test_capacity_padding_changes_nothing_and_compiles_once_per_capacity(segmenter):
+  rng = np.random.default_rng(1)
+  io = np.load(GOLDEN_DIR / "sam_med3d_small_io.npz")
+  embedding = segmenter.embed(io["crop"])
+  segmenter = Segmenter(SMALL, segmenter.variables)          # fresh jit caches
+  logits = None
+  for n in range(1, 7):                      # capacities 1, 2, 4, 4, 8, 8; mask prompt from the previous click
+    points, labels = _clicks(rng, n, 32)
+    mask = np.zeros((1, 16, 16, 16), np.float32) if logits is None else np.asarray(logits)[None]
+    ref_logits, ref_iou = _unpadded(SMALL, segmenter.variables, embedding[None], points, labels, mask)
+    logits, iou = segmenter.predict(embedding, points[0], labels[0], None if n == 1 else mask[0])
+    np.testing.assert_allclose(logits, ref_logits[0], rtol=0, atol=1e-6 * float(np.abs(ref_logits).max()))
+    assert iou == pytest.approx(float(ref_iou[0]), abs=1e-6)
+  assert segmenter._predict._cache_size() == 4      # one compile per capacity, not per click
+
+
+def test_capacity_padding_in_folded_attention_orders():
+  """A decoder so wide that every attention folds its projections into the few-token side (few queries or
+  few keys; the golden model is too narrow for that): 16 slots, real points among them, change nothing."""
+  config = sam3d.Sam3DConfig(img_size=32, patch_size=8, width=16, depth=1, num_heads=2, mlp_dim=16,
+                             global_attn_indexes=(0,), window_size=0, prompt_dim=192, mask_in_chans=4,
+                             decoder_heads=2, decoder_mlp_dim=32, iou_hidden=8)
+  variables = sam3d.init_variables(config, jax.random.key(0))
+  model = sam3d.Sam3D(config)
+  rng = np.random.default_rng(2)
+  embedding = rng.standard_normal((1, 4, 4, 4, 192)).astype(np.float32)
+  mask = rng.standard_normal((1, 16, 16, 16)).astype(np.float32)
+  for n in (1, 3, 5):
+    points, labels = _clicks(rng, n, 32)
+    ref = _unpadded(config, variables, embedding, points, labels, mask)
+    slots = rng.permutation(16)[:n]                      # the real points at random slots of 16
+    padded_points = rng.integers(0, 32, (1, 16, 3)).astype(np.float32)
+    padded_labels = np.full((1, 16), sam3d.ABSENT, np.int32)
+    padded_points[0, slots], padded_labels[0, slots] = points[0], labels[0]
+    out = jax.jit(lambda *a: segmenter_lib.prompt_and_decode(model, *a))(
+        variables, jnp.asarray(embedding), jnp.asarray(padded_points), jnp.asarray(padded_labels), jnp.asarray(mask))
+    for a, b in zip(out, ref):      # float32 rounding: merely reordering the real points differs by ≈ 1.5e-6
+      np.testing.assert_allclose(a, b, rtol=0, atol=3e-6 * max(1.0, float(np.abs(b).max())))
+  assert [segmenter_lib.capacity(n) for n in (1, 2, 3, 5, 8, 9)] == [1, 2, 4, 8, 8, 16]
 
 
 @pytest.mark.parametrize("points, labels, mask, match", [

@@ -5,7 +5,7 @@ method=...)`):
   `embed`           crop (B, S, S, S) → image embedding (B, g, g, g, C)          (once per crop)
   `encode_prompts`  points (B, N, 3), labels (B, N), mask logits (B, 4g, 4g, 4g) → sparse (B, N+1, C),
                     dense (B, g, g, g, C)                                          (per click)
-  `decode`          embedding, sparse, dense → low-res logits (B, 4g, 4g, 4g), IoU prediction (B,)
+  `decode`          embedding, sparse, dense[, token_mask] → low-res logits (B, 4g, 4g, 4g), IoU (B,)
 with S = img_size, g = S / patch_size (8 for vit_b_ori) and C = prompt_dim (384). Arrays are channel-last;
 spatial axes are the crop's array axes 0, 1, 2, and point coordinates are voxel indices along them.
 
@@ -21,6 +21,11 @@ Behaviour of the official PyTorch code (uni-medical/SAM-Med3D @ f3de1fa) that is
 * Dense image PE: grid cell (i, j, k) encodes ((j+.5)/g, (i+.5)/g, (k+.5)/g) (axes 0/1 swapped w.r.t. points);
   the random-Fourier PE is [sin, cos, sin].
 * Points get +0.5 and ÷S; one padding point with label -1 (PE zeroed, `not_a_point_embed` added) is appended.
+  That padding point is a real token. Label ABSENT (-2) is a different, invisible kind of padding, for fixed
+  point capacities (one compile for several click counts, or a fixed-size click array in training): with
+  `token_mask(labels)` passed to `decode`, ABSENT tokens are masked out as keys of the token self-attention
+  and of the image→token cross-attention, and their own outputs are never read, so the result equals the one
+  without them (not part of the official code).
 * LayerNorm eps 1e-6 in the encoder, neck and every channel LayerNorm, 1e-5 in the decoder transformer;
   exact-erf GELU; ReLU in the decoder MLPs.
 
@@ -45,7 +50,8 @@ import numpy as np
 from petfm.errors import UserError
 from petfm.models import vit
 
-POSITIVE, NEGATIVE, PADDING = 1, 0, -1        # point labels; PADDING marks "not a point"
+POSITIVE, NEGATIVE, PADDING = 1, 0, -1        # point labels; PADDING marks "not a point" (a real token)
+ABSENT = -2                                    # capacity padding: a slot no other token sees (module doc)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -315,7 +321,7 @@ class PromptEncoder3D(nn.Module):
     labels = jnp.concatenate([labels.astype(jnp.int32), jnp.full((b, 1), PADDING, jnp.int32)], axis=1)
     pe = self.pe_layer(points / self.config.img_size)
     lab = labels[..., None]
-    pe = jnp.where(lab == PADDING, self.not_a_point_embed, pe)
+    pe = jnp.where(lab == PADDING, self.not_a_point_embed, jnp.where(lab == ABSENT, 0.0, pe))
     pe = pe + jnp.where(lab == NEGATIVE, self.point_embeddings_0, 0.0)
     return pe + jnp.where(lab == POSITIVE, self.point_embeddings_1, 0.0)
 
@@ -363,13 +369,15 @@ class DecoderAttention(nn.Module):
   long side are folded into the short side's, which is the same algebra in another order: e.g. for few
   queries, q·(X Wk + bk)ᵀ = (q Wkᵀ)·Xᵀ + q·bk and softmax·(X Wv + bv) = (softmax·X) Wv + bv. The 512 image
   tokens then never pass through the 384×192 projections (≈ 3.4× fewer FLOPs in the cross-attentions).
+  `key_mask` (B, Lk) bool: keys that may be attended to (the others get exactly zero weight).
   """
   internal_dim: int
   num_heads: int
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+  def __call__(self, q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array | None = None
+               ) -> jax.Array:
     width, inner, heads = q.shape[-1], self.internal_dim, self.num_heads
     hd = inner // heads
     (wq, bq), (wk, bk), (wv, bv) = (_Linear(width, inner, name=n)() for n in ("q_proj", "k_proj", "v_proj"))
@@ -380,16 +388,19 @@ class DecoderAttention(nn.Module):
     lq, lk = q.shape[1], k.shape[1]
     scale = hd ** -0.5
     f32 = jnp.float32
+    masked = lambda x: x if key_mask is None else jnp.where(key_mask[:, None, None], x, -jnp.inf)
     if heads * lq * lk >= (lq + lk) * inner:                 # plain order
       qh, kh, vh = split(q @ wq + bq), split(k @ wk + bk), split(v @ wv + bv)
-      out = jax.nn.dot_product_attention(qh.astype(self.dtype), kh.astype(self.dtype), vh.astype(self.dtype))
+      mask = None if key_mask is None else key_mask[:, None, None, :]
+      out = jax.nn.dot_product_attention(qh.astype(self.dtype), kh.astype(self.dtype), vh.astype(self.dtype),
+                                         mask=mask)
       return (out.reshape(*out.shape[:-2], inner).astype(self.dtype) @ wo + bo).astype(f32)
     if lq <= lk:                                             # few queries: fold Wk, Wv into them
       qh = split(jnp.dot(q, wq, preferred_element_type=f32) + bq)                          # (B, Lq, H, hd)
       q_fold = jnp.einsum("bqhd,chd->bqhc", qh, split(wk).astype(f32)) * scale             # (B, Lq, H, C)
       logits = jnp.einsum("bqhc,bkc->bhqk", q_fold.astype(self.dtype), k, preferred_element_type=f32)
       logits = logits + jnp.einsum("bqhd,hd->bhq", qh, split(bk))[..., None] * scale
-      pooled = jnp.einsum("bhqk,bkc->bqhc", jax.nn.softmax(logits, -1).astype(self.dtype), v,
+      pooled = jnp.einsum("bhqk,bkc->bqhc", jax.nn.softmax(masked(logits), -1).astype(self.dtype), v,
                           preferred_element_type=f32)                                    # (B, Lq, H, C)
       out = jnp.einsum("bqhc,chd->bqhd", pooled, split(wv).astype(f32)) + split(bv)
       return (jnp.dot(out.reshape(*out.shape[:-2], inner).astype(self.dtype), wo, preferred_element_type=f32)
@@ -400,7 +411,7 @@ class DecoderAttention(nn.Module):
     logits = jnp.einsum("bqc,bchk->bqhk", q, k_fold.astype(self.dtype), preferred_element_type=f32)
     logits = logits + jnp.einsum("hd,bkhd->bhk", split(bq), kh)[:, None] * scale
     v_fold = jnp.einsum("bkhd,hdc->bhkc", vh, wo.reshape(heads, hd, width).astype(f32))   # (B, H, Lk, C)
-    probs = jax.nn.softmax(logits, -1).astype(self.dtype)
+    probs = jax.nn.softmax(masked(logits), -1).astype(self.dtype)
     return jnp.einsum("bqhk,bhkc->bqc", probs, v_fold.astype(self.dtype), preferred_element_type=f32) + bo
 
 
@@ -425,15 +436,15 @@ class TwoWayBlock(nn.Module):
   skip_first_layer_pe: bool
 
   @nn.compact
-  def __call__(self, queries, keys, query_pe, key_pe):
+  def __call__(self, queries, keys, query_pe, key_pe, token_mask=None):
     c, dtype = self.config, DTYPES[self.config.dtype]
     cross = c.prompt_dim // c.attention_downsample
     self_attn = DecoderAttention(c.prompt_dim, c.decoder_heads, dtype, name="self_attn")
     if self.skip_first_layer_pe:
-      queries = self_attn(queries, queries, queries)
+      queries = self_attn(queries, queries, queries, token_mask)
     else:
       q = queries + query_pe
-      queries = queries + self_attn(q, q, queries)
+      queries = queries + self_attn(q, q, queries, token_mask)
     queries = _decoder_norm("norm1")(queries)
     k = keys + key_pe
     queries = queries + DecoderAttention(cross, c.decoder_heads, dtype, name="cross_attn_token_to_image")(
@@ -442,20 +453,22 @@ class TwoWayBlock(nn.Module):
     queries = _decoder_norm("norm3")(
         queries + ReluMlp((c.decoder_mlp_dim, c.prompt_dim), ("lin1", "lin2"), dtype, name="mlp")(queries))
     keys = keys + DecoderAttention(cross, c.decoder_heads, dtype, name="cross_attn_image_to_token")(
-        k, queries + query_pe, queries)
+        k, queries + query_pe, queries, token_mask)
     return queries, _decoder_norm("norm4")(keys)
 
 
 class TwoWayTransformer3D(nn.Module):
-  """tokens (B, T, C), image (B, L, C), image PE (L, C) → tokens (B, T, C), image (B, L, C)."""
+  """tokens (B, T, C), image (B, L, C), image PE (L, C), token_mask (B, T) bool or None (tokens other tokens
+  and the image may attend to) → tokens (B, T, C), image (B, L, C)."""
   config: Sam3DConfig
 
   @nn.compact
-  def __call__(self, image: jax.Array, image_pe: jax.Array, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+  def __call__(self, image: jax.Array, image_pe: jax.Array, tokens: jax.Array,
+               token_mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     c = self.config
     queries, keys = tokens, image
     for i in range(c.decoder_depth):
-      queries, keys = TwoWayBlock(c, i == 0, name=f"layers_{i}")(queries, keys, tokens, image_pe)
+      queries, keys = TwoWayBlock(c, i == 0, name=f"layers_{i}")(queries, keys, tokens, image_pe, token_mask)
     attn = DecoderAttention(c.prompt_dim // c.attention_downsample, c.decoder_heads, DTYPES[c.dtype],
                             name="final_attn_token_to_image")
     queries = queries + attn(queries + tokens, keys + image_pe, keys)
@@ -463,12 +476,13 @@ class TwoWayTransformer3D(nn.Module):
 
 
 class MaskDecoder3D(nn.Module):
-  """embedding (B, g, g, g, C), image PE (g, g, g, C), sparse (B, N, C), dense (B, g, g, g, C) →
-  logits of mask token 0 (B, 4g, 4g, 4g), IoU prediction of mask 0 (B,)."""
+  """embedding (B, g, g, g, C), image PE (g, g, g, C), sparse (B, N, C), dense (B, g, g, g, C), token_mask
+  (B, N) bool or None (all visible) → logits of mask token 0 (B, 4g, 4g, 4g), IoU prediction of mask 0
+  (B,)."""
   config: Sam3DConfig
 
   @nn.compact
-  def __call__(self, embedding, image_pe, sparse, dense):
+  def __call__(self, embedding, image_pe, sparse, dense, token_mask=None):
     c, dtype = self.config, DTYPES[self.config.dtype]
     b, g = embedding.shape[0], c.grid
     init = vit.partitioned(nn.initializers.normal(1.0), (None, "embed"))
@@ -478,8 +492,11 @@ class MaskDecoder3D(nn.Module):
                                                                                    c.prompt_dim))
     tokens = jnp.concatenate([out_tokens, sparse.astype(jnp.float32)], axis=1)
     src = (embedding + dense).reshape(b, g ** 3, c.prompt_dim)
+    if token_mask is not None:
+      visible = jnp.ones((b, out_tokens.shape[1]), bool)
+      token_mask = jnp.concatenate([visible, token_mask.astype(bool)], axis=1)
     transformer = TwoWayTransformer3D(c, name="transformer")
-    hs, src = transformer(src, image_pe.reshape(g ** 3, c.prompt_dim)[None], tokens)
+    hs, src = transformer(src, image_pe.reshape(g ** 3, c.prompt_dim)[None], tokens, token_mask)
     # The two stride-2 transposed convs act per voxel, so the features stay in a blocked layout
     # (B, g, g, g, 2, 2, 2, 2, 2, 2, C/8) and only the final logits are interleaved to (B, 4g, 4g, 4g).
     up = _ConvTranspose2(c.prompt_dim // 4, dtype, name="output_upscaling_0")(src.reshape(b, g, g, g, -1))
@@ -534,7 +551,7 @@ class Sam3D(nn.Module):
   def encode_prompts(self, points: jax.Array | None, labels: jax.Array | None, mask_logits: jax.Array
                      ) -> tuple[jax.Array, jax.Array]:
     """points (B, N, 3) voxel indices (axes 0, 1, 2 of the crop) or None, labels (B, N) of POSITIVE/NEGATIVE/
-    PADDING, mask_logits (B, 4g, 4g, 4g) (zeros on the first click, as the official loops) →
+    PADDING/ABSENT, mask_logits (B, 4g, 4g, 4g) (zeros on the first click, as the official loops) →
     sparse (B, N+1, C) (B, 0, C without points), dense (B, g, g, g, C)."""
     return self.prompt_encoder(points, labels, mask_logits)
 
@@ -543,13 +560,22 @@ class Sam3D(nn.Module):
     return self.prompt_encoder.dense_pe()
 
   def decode(self, embedding: jax.Array, sparse: jax.Array, dense: jax.Array,
-             image_pe: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-    """→ low-res logits (B, 4g, 4g, 4g) float32, IoU prediction (B,). `image_pe`: `dense_pe()` if given."""
-    return self.mask_decoder(embedding, self.dense_pe() if image_pe is None else image_pe, sparse, dense)
+             image_pe: jax.Array | None = None, token_mask: jax.Array | None = None
+             ) -> tuple[jax.Array, jax.Array]:
+    """→ low-res logits (B, 4g, 4g, 4g) float32, IoU prediction (B,). `image_pe`: `dense_pe()` if given;
+    `token_mask` (B, N+1): `token_mask(labels)` when some labels are ABSENT (None: every token visible)."""
+    return self.mask_decoder(embedding, self.dense_pe() if image_pe is None else image_pe, sparse, dense,
+                             token_mask)
 
   def __call__(self, crops, points, labels, mask_logits):
     embedding = self.embed(crops)
     return self.decode(embedding, *self.encode_prompts(points, labels, mask_logits))
+
+
+def token_mask(labels: jax.Array) -> jax.Array:
+  """labels (B, N) → (B, N+1) bool: the sparse tokens of `encode_prompts` that are visible (not ABSENT; the
+  appended official padding point is)."""
+  return jnp.concatenate([labels != ABSENT, jnp.ones((labels.shape[0], 1), bool)], axis=1)
 
 
 def upsample_logits(logits: jax.Array, size: int) -> jax.Array:

@@ -109,14 +109,18 @@ def embed(model: sam3d.Sam3D, variables: Any, image: jax.Array, spec: ModelSpec)
   return model.apply(variables, model_input(image, spec), method="embed")
 
 
+# Jitted with the model (a hashable flax module) and spec static: models of equal spec share compilations.
+_embed = jax.jit(embed, static_argnums=(0, 3))
+_prompt_and_decode = jax.jit(segmenter.prompt_and_decode, static_argnums=0)
+
+
 class ClickModel:
-  """A promptable model with its variables and jitted embed / prompt+decode (see module doc)."""
+  """A promptable model with its variables and jitted embed / prompt+decode (see module doc); instances of
+  equal spec share the compiled steps."""
 
   def __init__(self, spec: ModelSpec, variables: Any):
     self.spec, self.variables = spec, variables
     self.model = build_model(spec)
-    self._embed = jax.jit(lambda v, x: embed(self.model, v, x, spec))
-    self._predict = jax.jit(lambda v, e, p, l, m: segmenter.prompt_and_decode(self.model, v, e, p, l, m))
 
   @classmethod
   def load(cls, directory: str) -> ClickModel:
@@ -136,16 +140,17 @@ class ClickModel:
 
   def embed(self, image: np.ndarray) -> jax.Array:
     """(S, S, S, C) pipeline-normalised crop → (g, g, g, C') embedding."""
-    return self._embed(self.variables, jnp.asarray(image, jnp.float32)[None])[0]
+    return _embed(self.model, self.variables, jnp.asarray(image, jnp.float32)[None], self.spec)[0]
 
   def predict(self, embedding: jax.Array, points: Sequence[Sequence[int]], labels: Sequence[int],
               mask_input: jax.Array | None = None) -> jax.Array:
     """embedding (g, g, g, C'), points (N, 3) crop voxels, labels (N,), mask_input (m, m, m) previous
-    low-res logits or None (zeros) → low-res logits (m, m, m)."""
+    low-res logits or None (zeros) → low-res logits (m, m, m). Compiles once per `segmenter.capacity`."""
     m = self.spec.sam.mask_size
     mask = jnp.zeros((m, m, m)) if mask_input is None else mask_input
-    logits, _ = self._predict(self.variables, embedding[None], jnp.asarray(points, jnp.float32)[None],
-                              jnp.asarray(labels, jnp.int32)[None], mask[None])
+    points, labels = segmenter.pad_points(np.asarray(points, np.float32)[None], np.asarray(labels, np.int32)[None])
+    logits, _ = _prompt_and_decode(self.model, self.variables, embedding[None], jnp.asarray(points),
+                                   jnp.asarray(labels), mask[None])
     return logits[0]
 
   def upsample(self, logits: jax.Array) -> np.ndarray:

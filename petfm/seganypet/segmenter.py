@@ -10,7 +10,8 @@ predictor).
 The image embedding is computed once per crop; every click runs one jitted prompt-encode + decode step
 (`prompt_and_decode`, also usable inside training code). `mask_input=None` feeds zero logits through the mask
 path, as the official train and inference loops do on the first click (`no_mask_embed` was never trained).
-Each distinct number of points compiles once.
+Points are padded to a capacity (the next power of two: 1, 2, 4, 8, …) with invisible ABSENT slots
+(`sam3d.token_mask`), so the step compiles once per capacity, not once per click, with unchanged outputs.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import numpy as np
 
 from petfm.errors import UserError
 from petfm.models import sam3d
-from petfm.models.sam3d import NEGATIVE, POSITIVE
+from petfm.models.sam3d import ABSENT, NEGATIVE, POSITIVE
 from petfm.seganypet import convert
 
 
@@ -38,9 +39,24 @@ def prompt_and_decode(model: sam3d.Sam3D, variables: Any, embeddings: jax.Array,
                       ) -> tuple[jax.Array, jax.Array]:
   """embeddings (B, g, g, g, C), points (B, N, 3) / labels (B, N) or None, mask_logits (B, 4g, 4g, 4g),
   optional precomputed `Sam3D.dense_pe` (g, g, g, C) → (low-res logits (B, 4g, 4g, 4g), IoU prediction
-  (B,))."""
+  (B,)). Points labelled ABSENT (capacity padding, see `pad_points`) change nothing."""
   sparse, dense = model.apply(variables, points, labels, mask_logits, method=sam3d.Sam3D.encode_prompts)
-  return model.apply(variables, embeddings, sparse, dense, image_pe, method=sam3d.Sam3D.decode)
+  mask = None if labels is None else sam3d.token_mask(labels)
+  return model.apply(variables, embeddings, sparse, dense, image_pe, mask, method=sam3d.Sam3D.decode)
+
+
+def capacity(n: int) -> int:
+  """Point capacity for n points: the smallest power of two ≥ n (one compile per capacity)."""
+  return 1 << max(n - 1, 0).bit_length()
+
+
+def pad_points(points: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """points (B, N, 3), labels (B, N) → (B, capacity(N), 3), (B, capacity(N)): the added slots are ABSENT
+  points at the origin."""
+  b, n = labels.shape
+  extra = capacity(n) - n
+  points = np.concatenate([np.asarray(points, np.float32), np.zeros((b, extra, 3), np.float32)], axis=1)
+  return points, np.concatenate([np.asarray(labels, np.int32), np.full((b, extra), ABSENT, np.int32)], axis=1)
 
 
 class Segmenter:
@@ -95,7 +111,8 @@ class Segmenter:
       mask_input = np.zeros(shape, np.float32)
     elif tuple(np.shape(mask_input)) != shape:
       raise UserError(f"mask_input: shape {np.shape(mask_input)}, expected {shape}")
-    return self._predict(self.variables, embeddings, jnp.asarray(points), jnp.asarray(labels, jnp.int32),
+    points, labels = pad_points(points, labels)
+    return self._predict(self.variables, embeddings, jnp.asarray(points), jnp.asarray(labels),
                          jnp.asarray(mask_input, jnp.float32), self.image_pe)
 
   def predict(self, embedding: jax.Array, points: Sequence[Sequence[float]] | np.ndarray,

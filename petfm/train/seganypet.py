@@ -9,8 +9,9 @@ One train step (a single jitted function) per batch of crops around targets (eve
 every lesion component; `crop_dataset`): the image embedding is computed once, then `clicks.rounds` rounds
 (a `lax.scan`) each draw one click per sample from the current error region (`clicks.sample_clicks`: FN →
 positive, FP → negative; the first round has an empty prediction, so its click is a positive truth voxel),
-add it to the clicks so far (fixed-size point array; future slots are PADDING = "not a point"), and decode
-with the previous low-res logits as the mask prompt (zeros in round 1, as the official loop; no stop-gradient
+add it to the clicks so far (fixed-size point array; future slots are ABSENT, invisible to the decoder, so
+round t sees exactly its t clicks plus the official padding point, as in evaluation), and decode with the
+previous low-res logits as the mask prompt (zeros in round 1, as the official loop; no stop-gradient
 between rounds, as the official loop). Loss = Σ over rounds of Dice + BCE on the logits upsampled to the crop
 (MONAI DiceCE(sigmoid, squared_pred): soft Dice with squared predictions, smooth 1e-5, plus mean BCE).
 Differences to the official loop: clicks accumulate (its `--multi_click`), and its random "no-point" round is
@@ -50,8 +51,8 @@ from petfm import config as config_lib
 from petfm.data import pipelines, records
 from petfm.errors import UserError
 from petfm.models import sam3d, sam3d_twin
-from petfm.models.sam3d import PADDING
-from petfm.seganypet import clicks, convert, promptable
+from petfm.models.sam3d import ABSENT
+from petfm.seganypet import clicks, convert, promptable, segmenter
 from petfm.train import common
 
 DICE_SMOOTH = 1e-5
@@ -152,11 +153,10 @@ def click_rounds(model: sam3d.Sam3D, variables: Any, spec: promptable.ModelSpec,
     point, label = clicks.sample_clicks(jax.random.fold_in(rng, t), pred, truth, valid)
     points = jax.lax.dynamic_update_slice_in_dim(points, point[:, None], t, axis=1)
     labels = jax.lax.dynamic_update_slice_in_dim(labels, label[:, None], t, axis=1)
-    sparse, dense = model.apply(variables, points, labels, low, method="encode_prompts")
-    low, _ = model.apply(variables, embedding, sparse, dense, method="decode")
+    low, _ = segmenter.prompt_and_decode(model, variables, embedding, points, labels, low)
     return (low, points, labels), low
 
-  init = (jnp.zeros((b, m, m, m)), jnp.zeros((b, rounds, 3), jnp.int32), jnp.full((b, rounds), PADDING, jnp.int32))
+  init = (jnp.zeros((b, m, m, m)), jnp.zeros((b, rounds, 3), jnp.int32), jnp.full((b, rounds), ABSENT, jnp.int32))
   _, lows = jax.lax.scan(round_, init, jnp.arange(rounds))
   return jax.vmap(lambda low: sam3d.upsample_logits(low, s))(lows)
 
