@@ -24,7 +24,7 @@ from petfm.data import pipelines
 from petfm.models import fratmae
 
 VARIANT = {
-    "tiny": dict(plane_size=(64, 64), depth=4, batch_size=8, total_steps=150, warmup_steps=10, lr=1e-3,
+    "tiny": dict(plane_size=(64, 64), depth=4, batch_size=8, total_steps=200, warmup_steps=10, lr=3e-3,
                  features=8, max_slabs=8, staging_batch=4),
     "S": dict(plane_size=(224, 224), depth=8, batch_size=32, total_steps=5_000, warmup_steps=250, lr=5e-4,
               features=32, max_slabs=32, staging_batch=8),
@@ -53,7 +53,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.batch_size = sizes["batch_size"] if args.task == "lesions" else sizes["staging_batch"]
   c.dtype = "float32"
   c.distributed = False
-  c.foreground_fraction = 0.33                         # lesion-centred training slabs
+  c.foreground_fraction = 0.6                          # share of lesion-centred training slabs
 
   c.data = pipelines.default_slab_config()
   c.data.view = args.view

@@ -13,7 +13,7 @@ draw the labelled-patient subset).
 
 Sizes (`full`, ≈ 1 h on a 2-core CPU, see the report for the measured figures): 5 pretraining runs of 150 steps
 (batch 8, 64 × 64 × 4 slabs, ViT tiny width 64 depth 4, patch 8), 72 fine-tuning runs (6 rows × 2 fractions ×
-3 seeds × 2 tasks): lesions 50 steps of batch 8 (evaluated on 2 test studies), staging 30 steps of batch 8 studies × 4 slabs. `reduced`
+3 seeds × 2 tasks): lesions 60 steps of batch 8 (evaluated on 2 test studies), staging 30 steps of batch 8 studies × 4 slabs. `reduced`
 (the end-to-end check): 1 seed, 20 pretraining / 15 lesion / 6 staging steps.
 A missing `--data_dir` is generated: `data_prep.synthetic` (40 patients) converted at 4 mm.
 """
@@ -29,7 +29,7 @@ ROWS = (("from scratch", "scratch", "fratmae", "coronal"), ("MAE", "pretrained",
         ("FratMAE", "pretrained", "fratmae", "coronal"), ("FratMAE axial", "pretrained", "fratmae", "axial"))
 
 SIZES = {
-    "full": dict(seeds=(0, 1, 2), pretrain_steps=150, lesion_steps=50, staging_steps=30, cohort=40),
+    "full": dict(seeds=(0, 1, 2), pretrain_steps=150, lesion_steps=60, staging_steps=30, cohort=40),
     "reduced": dict(seeds=(0,), pretrain_steps=20, lesion_steps=15, staging_steps=6, cohort=12),
 }
 
