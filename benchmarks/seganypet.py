@@ -1,8 +1,8 @@
 """Latency of SAM-Med3D vit_b_ori (random weights) on this machine: image encoder on one 128³ crop, and one
 prompt-encode + decode step (`Segmenter.predict_batch`: points padded to the capacity 1 or 8) with 1 click
-(zero mask prompt, the first click) and with 5 clicks plus the previous logits as mask prompt. Prints a table (median and min wall-clock time, and the median process CPU
-time, which other programs on the machine disturb less; up to 2 × wall time when both cores work) and writes
-JSON.
+(zero mask prompt, the first click) and with 5 clicks plus the previous logits as mask prompt. Prints a table
+(median and min wall-clock time, and the median process CPU time, which other programs on the machine disturb
+less; up to 2 × wall time when both cores work) and writes JSON.
 
   PYTHONPATH=. python benchmarks/seganypet.py [--runs 7] [--dtype float32] [--out benchmarks/seganypet.json]
 

@@ -90,14 +90,16 @@ def benchmark_jax(config, steps: int, warmup: int) -> dict[str, float | str]:
   peak, peak_source = common.device_peak_flops()
   h, w = config.data.plane_size
   p = tuple(config.model.patch_size)
-  tokens = (h // p[0]) * (w // p[1]) * (1 if fratmae.model_from_config(config.model, config.data).joint else 2)
+  joint = fratmae.model_from_config(config.model, config.data).joint
+  tokens = (h // p[0]) * (w // p[1]) * (1 if joint else 2)
   return {
       "method": config.model.method, "variant": config.variant, "view": config.view, "dtype": config.dtype,
       "batch_size": config.batch_size, "input": f"{h}x{w}x{config.data.depth}", "tokens_per_example": tokens,
       "devices": mesh.size, "device_kind": jax.devices()[0].device_kind, "mesh": str(dict(mesh.shape)),
       "compile_s": compile_s, "step_s": seconds, "examples_per_s": config.batch_size / seconds,
       "tokens_per_s": config.batch_size * tokens / seconds, "gflop_per_step": flops / 1e9,
-      "tflop_per_s": flops / seconds / 1e12, "peak_tflop_per_s_per_device": peak / 1e12, "peak_source": peak_source,
+      "tflop_per_s": flops / seconds / 1e12, "peak_tflop_per_s_per_device": peak / 1e12,
+      "peak_source": peak_source,
       "mfu": flops / seconds / (peak * mesh.size),
   }
 
@@ -171,7 +173,8 @@ def main(argv: list[str]) -> int:
     flags.DEFINE_integer("steps", 5, "timed steps (the median is reported)", flag_values=fv)
     flags.DEFINE_integer("warmup", 2, "untimed steps after compilation", flag_values=fv)
     flags.DEFINE_string("json", "", "also write the figures to this JSON file", flag_values=fv)
-    flags.DEFINE_bool("torch_reference", False, "also time a PyTorch MAE-style step on the CPU", flag_values=fv)
+    flags.DEFINE_bool("torch_reference", False, "also time a PyTorch MAE-style step on the CPU",
+                      flag_values=fv)
   parsed = config_lib.parse_command_line(argv, "throughput", define)
   config = parsed.config
   if parsed.steps < 1:

@@ -7,8 +7,10 @@ COMMAND (tiny model on the synthetic cohort, CPU):
 ARG is a variant optionally followed by comma-separated settings:
   variant   tiny | S | B | L
   task      lesions | staging                               (default lesions)
-  protocol  linear (frozen encoders) | finetune (layer-wise lr decay) | scratch (random init)   (default finetune)
-  method    mae | mae_ca | fratmae_noca | fratmae           (backbone when not initialised from a pretraining run)
+  protocol  linear (frozen encoders) | finetune (layer-wise lr decay) | scratch (random init)
+                                                            (default finetune)
+  method    mae | mae_ca | fratmae_noca | fratmae           (backbone when not initialised from a
+                                                             pretraining run)
   view      coronal | axial
   fraction  labelled share of the training patients: 0.1, 0.25, 0.5, 1.0   (default 1.0)
   head      unetr | linear                                  (segmentation head, default unetr)

@@ -25,10 +25,14 @@ from petfm.models import fratmae
 # slab depth D, global batch, steps. `tiny` is sized for CPU tests and the demo: the whole coronal plane
 # resized into 128 × 64 (≈ 8.5 mm voxels).
 VARIANT_DATA = {
-    "tiny": dict(plane_size=(128, 64), fit="resize", depth=4, batch_size=16, total_steps=300, warmup_steps=20, lr=1e-3),
-    "S": dict(plane_size=(448, 224), fit="crop", depth=8, batch_size=256, total_steps=50_000, warmup_steps=2_500, lr=1.5e-4),
-    "B": dict(plane_size=(448, 224), fit="crop", depth=8, batch_size=512, total_steps=100_000, warmup_steps=5_000, lr=1.5e-4),
-    "L": dict(plane_size=(448, 224), fit="crop", depth=8, batch_size=1024, total_steps=100_000, warmup_steps=5_000, lr=1.5e-4),
+    "tiny": dict(plane_size=(128, 64), fit="resize", depth=4, batch_size=16, total_steps=300, warmup_steps=20,
+                 lr=1e-3),
+    "S": dict(plane_size=(448, 224), fit="crop", depth=8, batch_size=256, total_steps=50_000,
+              warmup_steps=2_500, lr=1.5e-4),
+    "B": dict(plane_size=(448, 224), fit="crop", depth=8, batch_size=512, total_steps=100_000,
+              warmup_steps=5_000, lr=1.5e-4),
+    "L": dict(plane_size=(448, 224), fit="crop", depth=8, batch_size=1024, total_steps=100_000,
+              warmup_steps=5_000, lr=1.5e-4),
 }
 
 
@@ -44,7 +48,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.total_steps = sizes["total_steps"]
   c.batch_size = sizes["batch_size"]                 # global, over all processes and devices
   c.distributed = False                              # jax.distributed.initialize() for multi-host runs
-  c.dtype = "float32"                                # compute dtype: float32 or bfloat16 (params stay float32)
+  c.dtype = "float32"                                # compute dtype: float32 or bfloat16 (params float32)
 
   # Masking: shortcuts referenced by the model section.
   c.mask_ratio = 0.75
@@ -62,8 +66,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.mask_mode = c.get_ref("mask_mode")
 
   c.optim = ml_collections.ConfigDict(dict(
-      lr=sizes["lr"], warmup_steps=sizes["warmup_steps"], min_lr_ratio=0.0, weight_decay=0.05, b1=0.9, b2=0.95,
-      grad_clip=1.0, accum_steps=1))
+      lr=sizes["lr"], warmup_steps=sizes["warmup_steps"], min_lr_ratio=0.0, weight_decay=0.05, b1=0.9,
+      b2=0.95, grad_clip=1.0, accum_steps=1))
 
   # Device mesh (data, fsdp, tensor); one size may be -1 = all remaining devices. Logical → mesh axis rules:
   # params are sharded over fsdp (embed) and tensor (mlp/heads); the batch over data and fsdp.

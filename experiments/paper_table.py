@@ -11,10 +11,11 @@ uses `protocol=scratch`. Columns: lesion Dice, FPV, FNV (test split, whole volum
 macro AUC, each at 10 % and 100 % of the training patients; mean ± std over the fine-tuning seeds (which also
 draw the labelled-patient subset).
 
-Sizes (`full`, ≈ 1 h on a 2-core CPU, see the report for the measured figures): 5 pretraining runs of 150 steps
-(batch 8, 64 × 64 × 4 slabs, ViT tiny width 64 depth 4, patch 8), 72 fine-tuning runs (6 rows × 2 fractions ×
-3 seeds × 2 tasks): lesions 60 steps of batch 8 (evaluated on 2 test studies), staging 30 steps of batch 8 studies × 4 slabs. `reduced`
-(the end-to-end check): 1 seed, 20 pretraining / 15 lesion / 6 staging steps.
+Sizes (`full`, ≈ 1 h on a 2-core CPU, see the report for the measured figures): 5 pretraining runs of 150
+steps (batch 8, 64 × 64 × 4 slabs, ViT tiny width 64 depth 4, patch 8), 72 fine-tuning runs (6 rows ×
+2 fractions × 3 seeds × 2 tasks): lesions 60 steps of batch 8 (evaluated on 2 test studies), staging 30 steps
+of batch 8 studies × 4 slabs. `reduced` (the end-to-end check): 1 seed, 20 pretraining / 15 lesion / 6
+staging steps.
 A missing `--data_dir` is generated: `data_prep.synthetic` (40 patients) converted at 4 mm.
 """
 

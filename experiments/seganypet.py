@@ -5,9 +5,11 @@ COMMAND (tiny model on the synthetic cohort, CPU):
       --config.data_dir=demo_out/records
 
 ARG is a variant optionally followed by comma-separated settings:
-  variant   tiny | vit_b_ori                      (tiny: 32³ crops, tiny Sam3D; vit_b_ori: the official 128³ model)
+  variant   tiny | vit_b_ori                      (tiny: 32³ crops, tiny Sam3D; vit_b_ori: the official 128³
+                                                   model)
   backbone  sam3d | fratmae_twin                  (default sam3d: PET only; fratmae_twin: PET + CT twin ViTs)
-  cpcl      False | True                          (cross-prompting confident learning, see petfm/train/seganypet.py)
+  cpcl      False | True                          (cross-prompting confident learning, see
+                                                   petfm/train/seganypet.py)
 e.g. `tiny`, `tiny,backbone=fratmae_twin`, `vit_b_ori,cpcl=True`. `--config.init_from=DIR` starts from a
 `petfm convert-sam-med3d` directory (sam3d) or a `petfm pretrain` workdir (fratmae_twin encoders).
 """
@@ -26,9 +28,9 @@ VARIANTS = {
     "tiny": dict(crop=32, sam="tiny", sam_overrides=dict(patch_size=8), encoder=dict(width=64, depth=2,
                  num_heads=4, mlp_dim=128), batch_size=8, total_steps=200, lr=1e-3, warmup_steps=10, rounds=4,
                  zoom=1.0),
-    "vit_b_ori": dict(crop=128, sam="vit_b_ori", sam_overrides={}, encoder=dict(width=768, depth=12, num_heads=12,
-                      mlp_dim=3072), batch_size=12, total_steps=100_000, lr=8e-5, warmup_steps=1_000, rounds=11,
-                      zoom=1.0),
+    "vit_b_ori": dict(crop=128, sam="vit_b_ori", sam_overrides={}, encoder=dict(width=768, depth=12,
+                      num_heads=12, mlp_dim=3072), batch_size=12, total_steps=100_000, lr=8e-5,
+                      warmup_steps=1_000, rounds=11, zoom=1.0),
 }
 
 
@@ -44,7 +46,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.total_steps = v["total_steps"]
   c.batch_size = v["batch_size"]                     # global, over all processes and devices
   c.distributed = False
-  c.dtype = "float32"                                # compute dtype: float32 or bfloat16 (params stay float32)
+  c.dtype = "float32"                                # compute dtype: float32 or bfloat16 (params float32)
   c.init_from = ""                                   # convert-sam-med3d dir (sam3d) / pretrain workdir (twin)
 
   # Every Sam3DConfig field of the named config (img_size = the crop side), overridable one by one.
