@@ -122,7 +122,8 @@ def load_module(path: str):
 
 
 def override(config: ml_collections.ConfigDict, overrides: dict[str, Any]) -> ml_collections.ConfigDict:
-  """A copy of `config` with dotted-name overrides (`{"model.depth": 2}`); unknown fields raise `UserError`."""
+  """A copy of `config` with dotted-name overrides (`{"model.depth": 2}`); unknown fields raise
+  `UserError`."""
   out = copy.deepcopy(config)
   for name, value in overrides.items():
     *parents, leaf = name.split(".")
@@ -138,7 +139,8 @@ def override(config: ml_collections.ConfigDict, overrides: dict[str, Any]) -> ml
 
 
 def load_config(spec: str, overrides: dict[str, Any] | None = None) -> ml_collections.ConfigDict:
-  """The locked config of `FILE.py:ARG` with dotted-name overrides, as from the command line (for Python use)."""
+  """The locked config of `FILE.py:ARG` with dotted-name overrides, as from the command line (for Python
+  use)."""
   path, _, arg = spec.partition(":")
   config = override(load_module(path).get_config(arg or None), overrides or {})
   config.lock()

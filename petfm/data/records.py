@@ -15,7 +15,8 @@ orientation `nibabel.as_closest_canonical` produces, resampled to the configured
 | label            | uint8 (X, Y, Z)   | semantic label (autoPET: 1 = lesion; HECKTOR: 1 GTVp, 2 GTVn)      |
 | lesions          | uint16 (X, Y, Z)  | connected components of label > 0, numbered 1..K                   |
 | organs           | uint8 (X, Y, Z)   | organ label map (0 = none; all zeros when the study has none)      |
-| targets          | int32 (T, 6)      | rows [kind, id, voxels, cx, cy, cz]; kind 0 = organ id, 1 = lesion component |
+| targets          | int32 (T, 6)      | rows [kind, id, voxels, cx, cy, cz]; kind 0 = organ id,            |
+|                  |                   | 1 = lesion component                                               |
 | spacing          | float64 (3,)      | voxel size in mm of the stored grid                                |
 | affine           | float64 (4, 4)    | voxel → world (mm, RAS+) of the stored grid                        |
 | original_affine  | float64 (4, 4)    | affine of the reference (PET) image as read from disk              |
@@ -26,7 +27,8 @@ orientation `nibabel.as_closest_canonical` produces, resampled to the configured
 | diagnosis        | str               | free text, '' when unknown                                         |
 | stage            | int64 ()          | Ann Arbor 1..4, 0 when unknown                                     |
 | text             | str               | metadata prompt used by ContextAlign                               |
-| text_embedding   | float32 (E,)      | frozen text-encoder embedding of `text` (E = 0 when none was computed) |
+| text_embedding   | float32 (E,)      | frozen text-encoder embedding of `text` (E = 0 when none was       |
+|                  |                   | computed)                                                          |
 | source           | str               | input layout: autopet, nnunet, hecktor                             |
 
 `decode` returns a dict with numpy arrays for array fields and Python scalars/str for the others.
@@ -68,7 +70,8 @@ def encode(record: Mapping[str, Any]) -> bytes:
   shape = arrays["ct"].shape
   for k in VOLUME_FIELDS:
     if arrays[k].shape != shape or arrays[k].ndim != 3:
-      raise ValueError(f"record {record['study_id']}: {k} has shape {arrays[k].shape}, expected {shape} (3-D)")
+      raise ValueError(f"record {record['study_id']}: {k} has shape {arrays[k].shape}, "
+                       f"expected {shape} (3-D)")
   for k in STR_FIELDS:
     arrays[k] = np.asarray(str(record[k]))
   for k, kind in SCALAR_FIELDS.items():

@@ -3,8 +3,8 @@ for training and whole-study slab stacks for staging.
 
 Downstream work needs per-study control (a seeded subset of training patients, every slab of a study for
 staging, whole volumes for sliding-window evaluation), so the studies of a split are decoded once and kept in
-memory (fine for the synthetic cohort and for a few hundred real 4 mm studies: ~10–40 MB each). Intensities and
-axes follow the pretraining slab view (`petfm.data.pipelines.normalize` / `to_view`).
+memory (fine for the synthetic cohort and for a few hundred real 4 mm studies: ~10–40 MB each). Intensities
+and axes follow the pretraining slab view (`petfm.data.pipelines.normalize` / `to_view`).
 """
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ class Study:
 
 
 def view_study(record: dict, data: ml_collections.ConfigDict) -> Study:
-  """A decoded record (fields `STUDY_FIELDS`) → `Study` in the view `data.view`, normalised as in pretraining."""
+  """A decoded record (fields `STUDY_FIELDS`) → `Study` in the view `data.view`, normalised as in
+  pretraining."""
   ct, pet = pipelines.normalize(record["ct"], record["suv"], data)
   view = lambda a: np.ascontiguousarray(pipelines.to_view(a, data.view))
   return Study(record["study_id"], record["patient_id"], view(pet).astype(np.float32),
@@ -126,7 +127,8 @@ def sample_slabs(studies: Sequence[Study], window: Sequence[int], batch_size: in
     lesion = np.argwhere(study.label > 0) if rng.random() < foreground_fraction else np.zeros((0, 3))
     if len(lesion):
       centre = lesion[rng.integers(len(lesion))]
-      starts = [int(np.clip(c - w // 2, min(0, n - w), max(0, n - w))) for c, w, n in zip(centre, window, shape)]
+      starts = [int(np.clip(c - w // 2, min(0, n - w), max(0, n - w)))
+                for c, w, n in zip(centre, window, shape)]
     else:
       starts = [int(rng.integers(min(0, n - w), max(0, n - w) + 1)) for n, w in zip(shape, window)]
     for k, v in crop(study, starts, window, pad).items():

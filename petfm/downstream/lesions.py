@@ -1,5 +1,6 @@
-"""Lesion segmentation pieces shared by fine-tuning, evaluation and `petfm predict-lesions`: the Dice + BCE loss,
-whole-volume sliding-window inference in the slab view, and per-study metrics in the original geometry."""
+"""Lesion segmentation pieces shared by fine-tuning, evaluation and `petfm predict-lesions`: the Dice + BCE
+loss, whole-volume sliding-window inference in the slab view, and per-study metrics in the original
+geometry."""
 
 from __future__ import annotations
 
@@ -27,10 +28,12 @@ def dice_bce_loss(logits: jax.Array, labels: jax.Array, valid: jax.Array | None 
   logits = logits.astype(jnp.float32)
   labels = (labels > 0).astype(jnp.float32)
   weight = jnp.ones_like(logits) if valid is None else valid.astype(jnp.float32)
-  bce = jnp.sum(optax.sigmoid_binary_cross_entropy(logits, labels) * weight) / jnp.maximum(jnp.sum(weight), 1.0)
+  bce = (jnp.sum(optax.sigmoid_binary_cross_entropy(logits, labels) * weight)
+         / jnp.maximum(jnp.sum(weight), 1.0))
   prob = jax.nn.sigmoid(logits) * weight
   intersection = jnp.sum(prob * labels)
-  dice_loss = 1.0 - (2.0 * intersection + DICE_SMOOTH) / (jnp.sum(prob) + jnp.sum(labels * weight) + DICE_SMOOTH)
+  dice_loss = 1.0 - ((2.0 * intersection + DICE_SMOOTH)
+                     / (jnp.sum(prob) + jnp.sum(labels * weight) + DICE_SMOOTH))
   loss = dice_loss + bce
   return loss, {"loss": loss, "dice_loss": dice_loss, "bce": bce}
 
@@ -46,7 +49,8 @@ def window_starts(size: int, window: int, overlap: float) -> list[int]:
 
 
 def sliding_window_probabilities(predict: Callable[[np.ndarray, np.ndarray], np.ndarray], pet: np.ndarray,
-                                 ct: np.ndarray, window: Sequence[int], overlap: float = 0.5, batch_size: int = 8,
+                                 ct: np.ndarray, window: Sequence[int], overlap: float = 0.5,
+                                 batch_size: int = 8,
                                  pad_values: tuple[float, float] | None = None) -> np.ndarray:
   """Lesion probability of a whole volume in the view axes by overlapping windows.
 
