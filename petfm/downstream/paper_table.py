@@ -1,8 +1,8 @@
 """Runner of the downstream comparison table declared in `experiments/paper_table.py` (see its docstring).
 
 Every run lives in its own folder under the workdir; a run with `results.json` (fine-tuning) or `done.json`
-(pretraining) is skipped, any other one is (re)started and resumes from its checkpoints. The table is rewritten
-after every run, so a partial table is always on disk.
+(pretraining) is skipped, any other one is (re)started and resumes from its checkpoints. The table is
+rewritten after every run, so a partial table is always on disk.
 """
 
 from __future__ import annotations
@@ -48,8 +48,9 @@ def pretrain_run(table: Any, method: str, view: str, data_dir: str, workdir: str
   from petfm.train import pretrain
   folder = os.path.join(workdir, "pretrain", f"{method}_{view}")
   if not os.path.exists(os.path.join(folder, "done.json")):
-    config = config_lib.load_config(os.path.join(REPO, "experiments", f"fratmae.py:tiny,method={method},view={view}"),
-                                    {**dict(table.pretrain), "data_dir": data_dir})
+    config = config_lib.load_config(
+        os.path.join(REPO, "experiments", f"fratmae.py:tiny,method={method},view={view}"),
+        {**dict(table.pretrain), "data_dir": data_dir})
     metrics = pretrain.train(config, folder)
     records.write_atomic(os.path.join(folder, "done.json"), json.dumps(metrics))
   return folder
@@ -64,7 +65,8 @@ def finetune_run(table: Any, task: str, protocol: str, method: str, view: str, f
       return json.load(f)
   arg = f"tiny,task={task},protocol={protocol},method={method},view={view},fraction={fraction}"
   config = config_lib.load_config(os.path.join(REPO, "experiments", f"finetune.py:{arg}"),
-                                  {**dict(table[task]), "data_dir": data_dir, "seed": seed, "init_from": init_from})
+                                  {**dict(table[task]), "data_dir": data_dir, "seed": seed,
+                                   "init_from": init_from})
   return finetune.train(config, folder)
 
 
@@ -93,8 +95,10 @@ def run_table(table: Any, data_dir: str, workdir: str) -> dict[str, Any]:
 
 
 def write_table(table: Any, results: dict[str, Any], workdir: str, seconds: float) -> str:
-  """WORKDIR/paper_table.md (mean ± std over seeds), .json (per-seed values) and .png; returns the Markdown."""
-  header = ["Pre-training"] + [f"{label} @{int(f * 100)} %" for f in table.fractions for _, _, label in COLUMNS]
+  """WORKDIR/paper_table.md (mean ± std over seeds), .json (per-seed values) and .png; returns the
+  Markdown."""
+  header = ["Pre-training"] + [f"{label} @{int(f * 100)} %"
+                               for f in table.fractions for _, _, label in COLUMNS]
   lines = [f"Downstream comparison on the synthetic cohort (tiny models, {len(table.seeds)} seed(s), "
            f"size `{table.size}`, {seconds / 60:.1f} min). Mean ± std over seeds.", "",
            "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -133,7 +137,8 @@ def _plot(table: Any, results: dict[str, Any], path: str) -> None:
       stats = [metrics_lib.aggregate([{"v": x} for x in v]).get("v", {}) for v in values]
       means = [s.get("mean", np.nan) for s in stats]
       stds = [0.0 if np.isnan(s.get("std", np.nan)) else s["std"] for s in stats]
-      ax.bar(np.arange(len(names)) + i * width, means, width, yerr=stds, label=f"{int(fraction * 100)} % labels")
+      ax.bar(np.arange(len(names)) + i * width, means, width, yerr=stds,
+             label=f"{int(fraction * 100)} % labels")
     ax.set_xticks(np.arange(len(names)) + width * (len(table.fractions) - 1) / 2)
     ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
     ax.set_title(title)
@@ -144,7 +149,8 @@ def _plot(table: Any, results: dict[str, Any], path: str) -> None:
 def cli(argv: list[str]) -> int:
   parser = argparse.ArgumentParser(prog="experiments/paper_table.py", description=__doc__)
   parser.add_argument("--workdir", required=True, help="folder of all runs and the table")
-  parser.add_argument("--data_dir", default="demo_out/records", help="converted cohort (generated when missing)")
+  parser.add_argument("--data_dir", default="demo_out/records",
+                      help="converted cohort (generated when missing)")
   parser.add_argument("--size", default="full", choices=("full", "reduced"))
   args = parser.parse_args(argv)
   table = config_lib.load_module(os.path.join(REPO, "experiments", "paper_table.py")).get_config(args.size)

@@ -23,7 +23,8 @@ from petfm.errors import UserError
 
 
 def load_study(study_dir: str, spacing) -> dict:
-  """The record of an autoPET-layout study folder as `petfm prepare` would store it (`UserError` on bad input)."""
+  """The record of an autoPET-layout study folder as `petfm prepare` would store it (`UserError` on bad
+  input)."""
   if not os.path.isdir(study_dir):
     raise UserError(f"--study {study_dir}: no such folder")
   for name in ("CTres.nii.gz", "SUV.nii.gz"):
@@ -55,7 +56,8 @@ def predict_lesions(checkpoint: str, study_dir: str, out_path: str) -> tuple[int
   study = ddata.view_study(record, config.data)
   prob = finetune.predict_volume(config, setup, params, study)
   mask = geometry.to_original((prob >= config.eval.threshold).astype(np.uint8), study.affine,
-                              study.original_affine, tuple(int(n) for n in study.original_shape), order=0, cval=0)
+                              study.original_affine, tuple(int(n) for n in study.original_shape), order=0,
+                              cval=0)
   directory = os.path.dirname(os.path.abspath(out_path))
   os.makedirs(directory, exist_ok=True)
   tmp = os.path.join(directory, f".tmp-{os.getpid()}-{os.path.basename(out_path)}")

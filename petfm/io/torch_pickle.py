@@ -1,11 +1,13 @@
-"""Torch-free, restricted reader for PyTorch `.pth` checkpoints (the zip container of `torch.save`, torch ≥ 1.6).
+"""Torch-free, restricted reader for PyTorch `.pth` checkpoints (the zip container of `torch.save`,
+torch ≥ 1.6).
 
-Only the globals needed to rebuild tensors and dicts are admitted (`collections.OrderedDict`, the typed storage
-classes, `torch._utils._rebuild_tensor_v2` / `_rebuild_parameter`); they are mapped to numpy, so no torch code and
-nothing named by the pickle is ever executed. A pickle that asks for any other global (e.g. `os.system`) is
-refused with a `UserError` naming it, unless it is admitted by `inert_objects` (True: any global; or a collection
-of qualified names such as {"argparse.Namespace"}): then such objects (e.g. an `argparse.Namespace` of training
-arguments stored beside the weights) become inert placeholders that keep their arguments but never run anything.
+Only the globals needed to rebuild tensors and dicts are admitted (`collections.OrderedDict`, the typed
+storage classes, `torch._utils._rebuild_tensor_v2` / `_rebuild_parameter`); they are mapped to numpy, so no
+torch code and nothing named by the pickle is ever executed. A pickle that asks for any other global (e.g.
+`os.system`) is refused with a `UserError` naming it, unless it is admitted by `inert_objects` (True: any
+global; or a collection of qualified names such as {"argparse.Namespace"}): then such objects (e.g. an
+`argparse.Namespace` of training arguments stored beside the weights) become inert placeholders that keep
+their arguments but never run anything.
 """
 
 from __future__ import annotations
@@ -56,7 +58,8 @@ def _rebuild_tensor(storage: np.ndarray, offset: int, size: tuple, stride: tuple
   if not size:
     return storage[offset].copy()
   itemsize = storage.dtype.itemsize
-  view = np.lib.stride_tricks.as_strided(storage[offset:], shape=tuple(size), strides=[s * itemsize for s in stride])
+  view = np.lib.stride_tricks.as_strided(storage[offset:], shape=tuple(size),
+                                         strides=[s * itemsize for s in stride])
   return np.array(view)
 
 
@@ -87,8 +90,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
     if self._inert is True or (not isinstance(self._inert, bool) and f"{module}.{name}" in self._inert):
       return _inert_class(f"{module}.{name}")
     raise UserError(
-        f"{self._path}: refusing to load: the pickle asks for '{module}.{name}', but only tensor data is admitted "
-        "(nothing was executed)")
+        f"{self._path}: refusing to load: the pickle asks for '{module}.{name}', but only tensor data is "
+        "admitted (nothing was executed)")
 
   def persistent_load(self, pid: Any) -> np.ndarray:
     if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"):
@@ -113,8 +116,8 @@ def load(path: str, *, inert_objects: bool | Collection[str] = False) -> Any:
   except FileNotFoundError:
     raise UserError(f"{path}: no such file") from None
   except (zipfile.BadZipFile, OSError) as e:
-    raise UserError(f"{path}: not a PyTorch zip checkpoint ({e}); legacy pre-1.6 .pth files are not supported, "
-                    "re-save with a current torch.save") from None
+    raise UserError(f"{path}: not a PyTorch zip checkpoint ({e}); legacy pre-1.6 .pth files are not "
+                    "supported, re-save with a current torch.save") from None
   with archive:
     pickles = [n for n in archive.namelist() if n.endswith("data.pkl") and n.count("/") <= 1]
     if len(pickles) != 1:

@@ -1,8 +1,8 @@
 """Initialise a petfm `vit.ViT` from a timm or official-MAE ViT checkpoint (`.pth`, read without torch).
 
 timm names (`patch_embed.proj.*`, `cls_token`, `pos_embed`, `blocks.N.{norm1, attn.qkv, attn.proj, norm2,
-mlp.fc1, mlp.fc2}.*`, `norm.*`) map onto the ViT's params; MAE checkpoints are `{'model': state_dict}` with the
-same encoder names. Entries a pretraining or classification checkpoint carries beside the encoder
+mlp.fc1, mlp.fc2}.*`, `norm.*`) map onto the ViT's params; MAE checkpoints are `{'model': state_dict}` with
+the same encoder names. Entries a pretraining or classification checkpoint carries beside the encoder
 (`decoder_*`, `mask_token`, `head.*`, `fc_norm.*`) are ignored. Missing, unexpected and mis-shaped entries
 are collected into one `UserError`.
 
@@ -36,10 +36,12 @@ from petfm.io import torch_pickle
 IGNORED_PREFIXES = ("decoder_", "mask_token", "head.", "fc_norm.")
 
 _BLOCK = re.compile(r"blocks\.(\d+)\.(norm1|norm2|attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)\.(weight|bias)")
-_OURS = {"norm1": "norm1", "norm2": "norm2", "attn.proj": "attn/out", "mlp.fc1": "mlp/fc1", "mlp.fc2": "mlp/fc2"}
+_OURS = {"norm1": "norm1", "norm2": "norm2", "attn.proj": "attn/out", "mlp.fc1": "mlp/fc1",
+         "mlp.fc2": "mlp/fc2"}
 
 
-def load_vit_checkpoint(path: str, target: Any, *, grid: tuple[int, ...] | None = None) -> tuple[Any, list[str]]:
+def load_vit_checkpoint(path: str, target: Any, *,
+                        grid: tuple[int, ...] | None = None) -> tuple[Any, list[str]]:
   """Reads a timm / MAE `.pth` and returns (params shaped like `target`, ignored checkpoint keys).
 
   `target`: the params of one `vit.ViT` (e.g. `params["pet_encoder"]`), boxed (`nn.Partitioned`, as from
@@ -118,8 +120,8 @@ def _patch_kernel(weight: np.ndarray, target_shape: tuple[int, ...] | None, prob
   if target_shape is None:
     return weight
   if len(target_shape) != 4 or weight.ndim != 4 or tuple(target_shape[:2]) != weight.shape[2:]:
-    problems.append(f"patch_embed.proj.weight {weight.shape} (width, channels, ph, pw) does not fit the target "
-                    f"patch kernel {target_shape}: patch sizes must match and the patch must be 2-D")
+    problems.append(f"patch_embed.proj.weight {weight.shape} (width, channels, ph, pw) does not fit the "
+                    f"target patch kernel {target_shape}: patch sizes must match and the patch must be 2-D")
     return None
   channels = target_shape[2]
   if weight.shape[1] != channels:
@@ -129,7 +131,8 @@ def _patch_kernel(weight: np.ndarray, target_shape: tuple[int, ...] | None, prob
 
 def _position_embedding(pos: np.ndarray, has_cls: bool, shapes: Mapping[str, tuple[int, ...]],
                         grid: tuple[int, ...] | None, problems: list[str]) -> np.ndarray | None:
-  """Checkpoint (1, [1+]S, width) → target (1, [1+]N, width): CLS slot kept, tokens resampled if grids differ."""
+  """Checkpoint (1, [1+]S, width) → target (1, [1+]N, width): CLS slot kept, tokens resampled if grids
+  differ."""
   target_extra = int("cls_token" in shapes)
   _, total, width = shapes["pos_embed"]
   source_extra = int(has_cls and _is_square(pos.shape[1] - 1))
