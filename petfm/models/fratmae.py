@@ -67,7 +67,8 @@ def default_config(variant: str = "tiny", method: str = "fratmae") -> ml_collect
   c = ml_collections.ConfigDict()
   c.method = method
   c.patch_size = (8, 8) if variant == "tiny" else (16, 16)
-  c.update(vit.decode_variant(variant))      # encoder and decoder sizes: width, depth, num_heads, decoder_*, …
+  c.update(vit.decode_variant(variant))      # encoder and decoder sizes: width, depth, num_heads,
+                                             # decoder_*, …
   c.decoder_block = "cross_self"             # cross → self → MLP (SiamMAE); "cross" = cross → MLP (CrossMAE)
   c.posemb = "sincos"                        # or "learn" (timm checkpoints)
   c.cls_token = False
@@ -84,9 +85,10 @@ def default_config(variant: str = "tiny", method: str = "fratmae") -> ml_collect
   c.ca_pooling = "mean"                      # or "cls" (needs cls_token)
   c.ca_proj_layers = 2                       # image projection: 1 = Dense, 2 = Dense → GELU → Dense
   c.ca_loss = "prototype"                     # image → text cross-entropy over the batch's distinct prompts
-                                             # (text prototypes); "multi_positive": symmetric supervised InfoNCE
-  c.ca_center = True                         # subtract the batch mean of the image and text projections before
-                                             # the L2-norm (see ContextAlign)
+                                             # (text prototypes); "multi_positive": symmetric supervised
+                                             # InfoNCE
+  c.ca_center = True                         # subtract the batch mean of the image and text projections
+                                             # before the L2-norm (see ContextAlign)
   c.ca_temperature_init = 0.07
   c.ca_max_logit_scale = 100.0
   c.text_tower = "frozen"                    # or "learned" (used anyway when text_embedding has E = 0)
@@ -128,7 +130,8 @@ def validate_config(model: ml_collections.ConfigDict, data: ml_collections.Confi
   for field in ("width", "depth", "num_heads", "mlp_dim", "decoder_width", "decoder_depth", "decoder_heads",
                 "decoder_mlp_dim", "ca_proj_dim", "text_width", "text_depth", "text_heads", "text_length"):
     config_lib.check(model[field] > 0, field, f"must be > 0, got {model[field]}")
-  for width, heads in (("width", "num_heads"), ("decoder_width", "decoder_heads"), ("text_width", "text_heads")):
+  for width, heads in (("width", "num_heads"), ("decoder_width", "decoder_heads"),
+                       ("text_width", "text_heads")):
     config_lib.check(model[width] % model[heads] == 0, width,
                      f"{model[width]} is not divisible by {heads}={model[heads]}")
   for field in ("width", "decoder_width"):
@@ -139,15 +142,18 @@ def validate_config(model: ml_collections.ConfigDict, data: ml_collections.Confi
     config_lib.check(ratio is None or 0.0 < ratio < 1.0, field, f"must be in (0, 1), got {ratio}")
   config_lib.check(model.ca_weight >= 0, "ca_weight", f"must be >= 0, got {model.ca_weight}")
   config_lib.check(model.ca_temperature_init > 0, "ca_temperature_init", "must be > 0")
-  config_lib.check(model.ca_loss in CA_LOSSES, "ca_loss", f"{model.ca_loss!r} is not one of {list(CA_LOSSES)}")
+  config_lib.check(model.ca_loss in CA_LOSSES, "ca_loss",
+                   f"{model.ca_loss!r} is not one of {list(CA_LOSSES)}")
   config_lib.check(model.ca_max_logit_scale > 0, "ca_max_logit_scale", "must be > 0")
-  config_lib.check(model.text_vocab_size >= 2, "text_vocab_size", f"must be >= 2, got {model.text_vocab_size}")
+  config_lib.check(model.text_vocab_size >= 2, "text_vocab_size",
+                   f"must be >= 2, got {model.text_vocab_size}")
   config_lib.check(model.ca_pooling != "cls" or model.cls_token, "ca_pooling",
                    "'cls' needs cls_token=True")
   if data is not None:
     plane = tuple(data.plane_size)
     config_lib.check(len(plane) == 2 and all(s > 0 and s % p == 0 for s, p in zip(plane, model.patch_size)),
-                     "data.plane_size", f"{plane} is not divisible by model.patch_size {tuple(model.patch_size)}")
+                     "data.plane_size",
+                     f"{plane} is not divisible by model.patch_size {tuple(model.patch_size)}")
     config_lib.check(data.depth > 0, "data.depth", f"must be > 0, got {data.depth}")
     n = math.prod(s // p for s, p in zip(plane, model.patch_size))
     if model.method.startswith("mae"):
@@ -197,7 +203,8 @@ def patch_targets(patches: jax.Array, norm_pix: bool) -> tuple[jax.Array, jax.Ar
 
 
 def masked_mse(pred: jax.Array, target: jax.Array, mask: jax.Array) -> jax.Array:
-  """Mean over masked patches (mask 1) of the per-patch mean squared error. pred/target (B, N, P), mask (B, N)."""
+  """Mean over masked patches (mask 1) of the per-patch mean squared error. pred/target (B, N, P), mask
+  (B, N)."""
   per_patch = jnp.mean((pred.astype(jnp.float32) - target) ** 2, axis=-1)
   return jnp.sum(per_patch * mask) / jnp.sum(mask)
 
@@ -278,7 +285,8 @@ class Decoder(nn.Module):
     b, k, _ = visible.shape
     n = ids_restore.shape[1]
     x = vit.dense(self.width, (None, "embed"), self.dtype, self.param_dtype, "embed")(visible)
-    mask_token = self.param("mask_token", vit.partitioned(nn.initializers.normal(0.02), (None, None, "embed")),
+    mask_token = self.param("mask_token",
+                            vit.partitioned(nn.initializers.normal(0.02), (None, None, "embed")),
                             (1, 1, self.width), self.param_dtype)
     x = jnp.concatenate([x, jnp.broadcast_to(mask_token, (b, n - k, self.width)).astype(x.dtype)], axis=1)
     x = jnp.take_along_axis(x, ids_restore[..., None], axis=1)
@@ -318,7 +326,8 @@ class TextTower(nn.Module):
                       f"{self.length}; tokenise with tokenize_words(texts, {self.length})")
     valid = tokens > 0
     ids = jnp.where(valid, 1 + (tokens - 1) % (self.vocab_size - 1), 0)
-    x = nn.Embed(self.vocab_size, self.width, dtype=self.dtype, param_dtype=self.param_dtype, name="token_embed",
+    x = nn.Embed(self.vocab_size, self.width, dtype=self.dtype, param_dtype=self.param_dtype,
+                 name="token_embed",
                  embedding_init=vit.partitioned(nn.initializers.normal(0.02), ("vocab", "embed")))(ids)
     pos = self.param("pos_embed", vit.partitioned(nn.initializers.normal(0.02), (None, None, "embed")),
                      (1, self.length, self.width), self.param_dtype)
@@ -338,7 +347,8 @@ class ContextAlign(nn.Module):
   Pooled encoder tokens share a large common component and the prompts share most words, so without it all
   projections point almost the same way, every cosine is ≈ 1 and the logits stay near uniform (observed: the
   loss sits at its uniform value from the first steps); centred, only the per-sample differences are compared
-  (the role batch-norm plays in SimCLR / MoCo v3 projection heads). Returns (loss, metrics): `ca`, `ca_accuracy`, `logit_scale`.
+  (the role batch-norm plays in SimCLR / MoCo v3 projection heads). Returns (loss, metrics): `ca`,
+  `ca_accuracy`, `logit_scale`.
   """
   proj_dim: int
   proj_layers: int
@@ -357,8 +367,8 @@ class ContextAlign(nn.Module):
   center: bool = True
 
   @nn.compact
-  def __call__(self, image_features: jax.Array, text_embedding: jax.Array | None, text_tokens: jax.Array | None
-               ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  def __call__(self, image_features: jax.Array, text_embedding: jax.Array | None,
+               text_tokens: jax.Array | None) -> tuple[jax.Array, dict[str, jax.Array]]:
     if text_tokens is None:
       raise UserError("ContextAlign needs batch['text_tokens'] (B, L) int32 from tokenize_words")
     d = lambda features, names, name: vit.dense(features, names, self.dtype, self.param_dtype, name)
@@ -370,8 +380,8 @@ class ContextAlign(nn.Module):
       image = d(self.proj_dim, (None, "embed"), "image_proj")(image)
     learned = self.text_tower == "learned" or text_embedding is None or text_embedding.shape[-1] == 0
     if learned:
-      text = TextTower(self.text_vocab_size, self.text_length, self.text_width, self.text_depth, self.text_heads,
-                       self.gelu, self.dtype, self.param_dtype, name="text_tower")(text_tokens)
+      text = TextTower(self.text_vocab_size, self.text_length, self.text_width, self.text_depth,
+                       self.text_heads, self.gelu, self.dtype, self.param_dtype, name="text_tower")(text_tokens)
     else:
       text = text_embedding
     text = d(self.proj_dim, (None, "embed"), "text_proj")(text)
@@ -460,8 +470,9 @@ class FratMAE(nn.Module):
 
   def setup(self):
     encoder = lambda name: vit.ViT(
-        self.width, self.depth, self.num_heads, self.mlp_dim, tuple(self.patch_size), self.posemb, self.cls_token,
-        self.gelu, self.qkv_bias, self.remat, self.attention_impl, self.dtype, self.param_dtype, name=name)
+        self.width, self.depth, self.num_heads, self.mlp_dim, tuple(self.patch_size), self.posemb,
+        self.cls_token, self.gelu, self.qkv_bias, self.remat, self.attention_impl, self.dtype, self.param_dtype,
+        name=name)
     decoder = lambda block, name: Decoder(
         self.decoder_width, self.decoder_depth, self.decoder_heads, self.decoder_mlp_dim, block, self.gelu,
         self.qkv_bias, self.remat, self.attention_impl, self.dtype, self.param_dtype, name=name)
@@ -540,7 +551,8 @@ class FratMAE(nn.Module):
   def _one_visible(self, pet, ct, grid, rng) -> dict:
     b, n, p = pet.shape[0], math.prod(grid), math.prod(self.patch_size) * pet.shape[-1]
     if b % 2:
-      raise UserError(f"mask_mode='one_visible' pairs the samples of a batch; the batch size {b} must be even")
+      raise UserError(f"mask_mode='one_visible' pairs the samples of a batch; the batch size {b} must be "
+                      "even")
     swap_rng, pet_rng, ct_rng = jax.random.split(rng, 3)
     ratios = mask_ratios(self)
     pet_masked_at = jax.random.bernoulli(swap_rng, 0.5, (b // 2,)).astype(jnp.int32)   # index within the pair
