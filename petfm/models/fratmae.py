@@ -381,7 +381,8 @@ class ContextAlign(nn.Module):
     learned = self.text_tower == "learned" or text_embedding is None or text_embedding.shape[-1] == 0
     if learned:
       text = TextTower(self.text_vocab_size, self.text_length, self.text_width, self.text_depth,
-                       self.text_heads, self.gelu, self.dtype, self.param_dtype, name="text_tower")(text_tokens)
+                       self.text_heads, self.gelu, self.dtype, self.param_dtype,
+                       name="text_tower")(text_tokens)
     else:
       text = text_embedding
     text = d(self.proj_dim, (None, "embed"), "text_proj")(text)
@@ -471,8 +472,8 @@ class FratMAE(nn.Module):
   def setup(self):
     encoder = lambda name: vit.ViT(
         self.width, self.depth, self.num_heads, self.mlp_dim, tuple(self.patch_size), self.posemb,
-        self.cls_token, self.gelu, self.qkv_bias, self.remat, self.attention_impl, self.dtype, self.param_dtype,
-        name=name)
+        self.cls_token, self.gelu, self.qkv_bias, self.remat, self.attention_impl, self.dtype,
+        self.param_dtype, name=name)
     decoder = lambda block, name: Decoder(
         self.decoder_width, self.decoder_depth, self.decoder_heads, self.decoder_mlp_dim, block, self.gelu,
         self.qkv_bias, self.remat, self.attention_impl, self.dtype, self.param_dtype, name=name)

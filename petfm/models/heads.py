@@ -1,4 +1,5 @@
-"""Downstream heads on the FratMAE / MAE encoders: lesion segmentation (UNETR-style, linear) and Ann Arbor staging.
+"""Downstream heads on the FratMAE / MAE encoders: lesion segmentation (UNETR-style, linear) and Ann Arbor
+staging.
 
 The heads read `FratMAE.encode(pet, ct)`: a dict with one entry per encoder (`pet` and `ct` for the twin
 methods, `petct` for the single-encoder MAE baselines), each holding `tokens` (B, N, width) after the final LN
@@ -7,15 +8,15 @@ and `layers` (the per-block outputs (B, N, width)); tokens are row-major over th
 * `UNETRHead`: UNETR adapted to the 2-D slab view. With a square patch p = 2^L it taps L encoder depths
   (default evenly spaced, e.g. blocks 3, 6, 9, 12 of a 12-block ViT with p = 16). At every tap the tokens of
   all encoders are layer-normed, concatenated along channels and projected by a 1×1 (Dense) layer: the PET/CT
-  fusion per scale. The deepest tap is the bottleneck at 1/p; the tap for level j (resolution 1/2^j) is brought
-  there by L - j transposed-conv upsamplings; a conv stem on the input slab gives the full-resolution skip.
-  The decoder upsamples ×2 per level, concatenates the skip and applies two 3×3 conv blocks. Output: one
+  fusion per scale. The deepest tap is the bottleneck at 1/p; the tap for level j (resolution 1/2^j) is
+  brought there by L - j transposed-conv upsamplings; a conv stem on the input slab gives the full-resolution
+  skip. The decoder upsamples ×2 per level, concatenates the skip and applies two 3×3 conv blocks. Output: one
   logit per voxel of the slab, (B, H, W, D).
 * `LinearHead`: the cheap SETR-naive option. Final tokens of all encoders, concatenated → Dense(p·p·D) →
   unpatchify → (B, H, W, D).
-* `StagingHead`: patient-level classifier over the slabs of a study. Slab features (B, S, F) with a slab validity
-  mask (B, S) → mean over the valid slabs or gated attention-MIL (Ilse et al. 2018) → linear or 2-layer MLP
-  → (B, C) logits.
+* `StagingHead`: patient-level classifier over the slabs of a study. Slab features (B, S, F) with a slab
+  validity mask (B, S) → mean over the valid slabs or gated attention-MIL (Ilse et al. 2018) → linear or
+  2-layer MLP → (B, C) logits.
 
 `LesionSegmenter` and `Stager` put a FratMAE backbone (only its encoders are used, so only their params exist)
 and a head together; `freeze_backbone` stops gradients at the encoder outputs (linear probe).
@@ -50,7 +51,8 @@ def tap_layers(depth: int, levels: int, layers: Sequence[int] | None = None) -> 
     layers = [max(1, round(depth * (i + 1) / levels)) for i in range(levels)]
   layers = tuple(int(i) for i in layers)
   if len(layers) != levels or not all(1 <= i <= depth for i in layers):
-    raise UserError(f"head layers {layers}: need {levels} block indices in 1..{depth} (one per upsampling level)")
+    raise UserError(f"head layers {layers}: need {levels} block indices in 1..{depth} (one per upsampling "
+                    "level)")
   return layers
 
 
@@ -160,7 +162,8 @@ class UNETRHead(nn.Module):
     x = fused(levels)
     for level in range(levels - 1, -1, -1):
       x = _conv(self.channels(level), 2, self.dtype, self.param_dtype, f"up_{level}", transpose=True)(x)
-      x = ConvBlock(self.channels(level), **kw, name=f"decode_{level}")(jnp.concatenate([x, skips[level]], -1))
+      x = ConvBlock(self.channels(level), **kw, name=f"decode_{level}")(
+          jnp.concatenate([x, skips[level]], -1))
     logits = _conv(self.out_depth, 1, self.dtype, self.param_dtype, "logits", bias_init=PRIOR_BIAS)(x)
     return logits.astype(jnp.float32)
 
@@ -177,7 +180,8 @@ class LinearHead(nn.Module):
     grid = vit.patch_grid(images.shape[1:3], self.patch_size)
     x = jnp.concatenate([encoded[n]["tokens"] for n in encoder_names(encoded)], axis=-1)
     x = nn.Dense(math.prod(self.patch_size) * self.out_depth, dtype=self.dtype, param_dtype=self.param_dtype,
-                 name="pred", kernel_init=vit.partitioned(nn.initializers.xavier_uniform(), ("embed", "patch")),
+                 name="pred",
+                 kernel_init=vit.partitioned(nn.initializers.xavier_uniform(), ("embed", "patch")),
                  bias_init=vit.partitioned(PRIOR_BIAS, ("patch",)))(x)
     return vit.unpatchify(x, self.patch_size, grid).astype(jnp.float32)
 
@@ -222,7 +226,8 @@ def _encode(backbone: fratmae.FratMAE, pet: jax.Array, ct: jax.Array, freeze: bo
 
 
 class LesionSegmenter(nn.Module):
-  """Backbone encoders + segmentation head. `__call__(pet, ct)` with pet, ct (B, H, W, D) → logits (B, H, W, D)."""
+  """Backbone encoders + segmentation head. `__call__(pet, ct)` with pet, ct (B, H, W, D) → logits
+  (B, H, W, D)."""
   backbone: fratmae.FratMAE
   head: str = "unetr"
   features: int = 16

@@ -73,7 +73,8 @@ def encoders_from_pretraining(encoders: dict[str, Any], view: str, patch_size: i
   out = {}
   for name in ("pet_encoder", "ct_encoder"):
     if name not in encoders:
-      raise UserError(f"--config.init_from: the pretraining run has no {name} (use a fratmae/fratmae_noca run)")
+      raise UserError(f"--config.init_from: the pretraining run has no {name} (use a fratmae/fratmae_noca "
+                      "run)")
     tree = jax.tree.map(np.asarray, encoders[name])
     kernel = tree["patch_embed"]["proj"]["kernel"]                      # (ph, pw, D, width)
     ph, pw, depth, width = kernel.shape
@@ -81,6 +82,7 @@ def encoders_from_pretraining(encoders: dict[str, Any], view: str, patch_size: i
       raise UserError(f"--config.init_from: pretrained patch {ph}×{pw} over {depth} slices does not fit the "
                       f"3-D patch {patch_size}³ (needs equal sides and a slice count dividing it)")
     cube = np.repeat(kernel, patch_size // depth, axis=2) * (depth / patch_size)
-    tree["patch_embed"]["proj"]["kernel"] = np.ascontiguousarray(pipelines.from_view(cube, view)[:, :, :, None])
+    tree["patch_embed"]["proj"]["kernel"] = np.ascontiguousarray(
+        pipelines.from_view(cube, view)[:, :, :, None])
     out[name] = tree
   return out

