@@ -2,10 +2,11 @@
 
 Two samplers, both reading the error region of the current prediction, FN = truth ∧ ¬pred (a click there is
 positive) and FP = ¬truth ∧ pred (negative):
-  `sample_clicks`  training: one voxel per sample drawn uniformly from FN ∪ FP (SAM-Med3D's "random" sampler),
-                   written jit-friendly as an argmax of Gumbel noise over the error voxels, so a whole multi-round
-                   step compiles into one function; a key gives the same clicks every time. With no error a
-                   truth voxel is drawn (positive), with no truth either the click is PADDING (no point).
+  `sample_clicks`  training: one voxel per sample drawn uniformly from FN ∪ FP (SAM-Med3D's "random"
+                   sampler), written jit-friendly as an argmax of Gumbel noise over the error voxels, so a
+                   whole multi-round step compiles into one function; a key gives the same clicks every time.
+                   With no error a truth voxel is drawn (positive), with no truth either the click is PADDING
+                   (no point).
   `next_click`     evaluation (numpy/scipy, deterministic): the voxel farthest from the border of the largest
                    connected error component (FN and FP components compared by size, ties → FN), the
                    distance transform treating the crop edge as border.

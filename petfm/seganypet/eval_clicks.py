@@ -1,13 +1,13 @@
-"""`petfm eval-clicks --checkpoint DIR --data_dir RECORDS --out DIR`: Dice and surface Dice after 1, 3, 5 and 10
-simulated clicks per target.
+"""`petfm eval-clicks --checkpoint DIR --data_dir RECORDS --out DIR`: Dice and surface Dice after 1, 3, 5 and
+10 simulated clicks per target.
 
 Every target of the split (each organ of the organ map and each lesion component) is cropped once by the
 evaluation crop pipeline with the model's crop size, spacing, channels and intensities
 (`promptable.data_config_for`), embedded once, then clicked up to the largest count: each new click goes to
 the most interior voxel of the largest error component of the current mask (`clicks.next_click`,
 deterministic), clicks accumulate, and the previous low-res logits are the mask prompt. The mask after k
-clicks is scored against the crop's truth (Dice, surface Dice at `--tolerance_mm`, crop spacing). Works for both
-backbones (SAM-Med3D and the FratMAE twin) and for converted official checkpoints.
+clicks is scored against the crop's truth (Dice, surface Dice at `--tolerance_mm`, crop spacing). Works for
+both backbones (SAM-Med3D and the FratMAE twin) and for converted official checkpoints.
 
 Writes to OUT: `clicks.json` (one row per target), `clicks.md` (mean per organ / lesion and overall) and
 `dice_vs_clicks.png`.
@@ -58,8 +58,8 @@ def click_scores(model: promptable.ClickModel, image: np.ndarray, truth: np.ndar
   return out
 
 
-def evaluate(model: promptable.ClickModel, data_dir: str, split: str = "test", counts: Sequence[int] = CLICK_COUNTS,
-             tolerance_mm: float = 1.0) -> list[dict]:
+def evaluate(model: promptable.ClickModel, data_dir: str, split: str = "test",
+             counts: Sequence[int] = CLICK_COUNTS, tolerance_mm: float = 1.0) -> list[dict]:
   """One row per target of `split`: study index, kind, id, name and the scores of `click_scores`."""
   if split not in records.read_manifest(data_dir)["splits"]:
     raise UserError(f"{data_dir}: has no split {split!r}")
@@ -106,8 +106,9 @@ def write(rows: list[dict], out_dir: str, label: str, counts: Sequence[int] = CL
 
 
 def main(argv: Sequence[str]) -> int:
-  parser = argparse.ArgumentParser(prog="petfm eval-clicks", description=__doc__.split("\n")[0])
-  parser.add_argument("--checkpoint", required=True, help="train-seganypet workdir or convert-sam-med3d directory")
+  parser = argparse.ArgumentParser(prog="petfm eval-clicks", description=__doc__.split("\n\n")[0])
+  parser.add_argument("--checkpoint", required=True,
+                      help="train-seganypet workdir or convert-sam-med3d directory")
   parser.add_argument("--data_dir", required=True, help="ArrayRecord folder (petfm prepare)")
   parser.add_argument("--out", required=True, help="output folder")
   parser.add_argument("--split", default="test")

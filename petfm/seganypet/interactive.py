@@ -1,15 +1,18 @@
-"""`petfm segment --image SUV.nii.gz --point x,y,z[:+|-] ... --out mask.nii.gz --checkpoint DIR [--interactive]`.
+"""`petfm segment --image SUV.nii.gz --point x,y,z[:+|-] ... --out mask.nii.gz --checkpoint DIR
+[--interactive]`.
 
-Promptable segmentation of one image from clicks given in voxel coordinates of the input image (`+` positive,
-the default; `-` negative). The crop (the model's size and spacing, canonical RAS+ axes) is centred on the first
-positive point and resampled as the official inference does (`preprocess.prepare`); intensities follow the
-model spec (`promptable`); the twin PET/CT model also needs `--ct` on any grid overlapping the image. The
-mask (sigmoid > 0.5) is mapped back onto the input's grid (nearest) and written with the input's affine.
+Promptable segmentation of one image from clicks given in voxel coordinates of the input image (`+`
+positive, the default; `-` negative). The crop (the model's size and spacing, canonical RAS+ axes) is centred
+on the first positive point and resampled as the official inference does (`preprocess.prepare`); intensities
+follow the model spec (`promptable`); the twin PET/CT model also needs `--ct` on any grid overlapping the
+image. The mask (sigmoid > 0.5) is mapped back onto the input's grid (nearest) and written with the input's
+affine.
 
-`--interactive` keeps the image embedding and reads one more click per line from stdin (`x,y,z[:+|-]`; an empty
-line or `q` ends): each click refines the mask (all clicks so far plus the previous low-res logits as the mask
-prompt), rewrites `--out` and prints its latency. `--checkpoint` is a `petfm train-seganypet` workdir or a
-`petfm convert-sam-med3d` directory (e.g. of the official `seganypet_v2.pth`); there is no default.
+`--interactive` keeps the image embedding and reads one more click per line from stdin (`x,y,z[:+|-]`; an
+empty line or `q` ends): each click refines the mask (all clicks so far plus the previous low-res logits as
+the mask prompt), rewrites `--out` and prints its latency. `--checkpoint` is a `petfm train-seganypet`
+workdir or a `petfm convert-sam-med3d` directory (e.g. of the official `seganypet_v2.pth`); there is no
+default.
 """
 
 from __future__ import annotations
@@ -64,13 +67,14 @@ class Session:
     self.model = model
     suv = image.get_fdata(dtype=np.float32)
     size = model.size
-    _, self.geo, _ = preprocess.prepare(suv, image.affine, centre=first, size=size, spacing=model.spec.spacing)
+    _, self.geo, _ = preprocess.prepare(suv, image.affine, centre=first, size=size,
+                                        spacing=model.spec.spacing)
     suv_crop = geometry.resample(suv, image.affine, self.geo.affine, (size,) * 3, order=1, cval=0)
     if "ct" in model.spec.channels:
       if ct is None:
         raise UserError("--ct: this model reads PET and CT; give the CT image")
-      ct_crop = geometry.resample(ct.get_fdata(dtype=np.float32), ct.affine, self.geo.affine, (size,) * 3, order=1,
-                                  cval=pipelines.CT_PAD_HU)
+      ct_crop = geometry.resample(ct.get_fdata(dtype=np.float32), ct.affine, self.geo.affine, (size,) * 3,
+                                  order=1, cval=pipelines.CT_PAD_HU)
     else:
       ct_crop = np.full_like(suv_crop, pipelines.CT_PAD_HU)
     ct_n, pet_n = pipelines.normalize(ct_crop, suv_crop, model.spec.intensities)
@@ -102,17 +106,18 @@ def save_mask(mask: np.ndarray, like: nib.Nifti1Image, path: str) -> None:
 
 
 def main(argv: Sequence[str], stdin=None) -> int:
-  parser = argparse.ArgumentParser(prog="petfm segment", description=__doc__.split("\n")[0])
+  parser = argparse.ArgumentParser(prog="petfm segment", description=__doc__.split("\n\n")[0])
   parser.add_argument("--image", required=True, help="PET image in SUV (NIfTI)")
   parser.add_argument("--ct", help="CT in HU (NIfTI), for PET/CT models")
-  parser.add_argument("--point", action="append", default=[], help="x,y,z[:+|-] voxel of --image (repeatable)")
+  parser.add_argument("--point", action="append", default=[],
+                      help="x,y,z[:+|-] voxel of --image (repeatable)")
   parser.add_argument("--out", required=True, help="output mask (NIfTI)")
   parser.add_argument("--checkpoint", help="train-seganypet workdir or convert-sam-med3d directory")
   parser.add_argument("--interactive", action="store_true", help="read further clicks from stdin")
   args = parser.parse_args(argv)
   if not args.checkpoint:
-    raise UserError("--checkpoint: required: a `petfm train-seganypet` workdir or a `petfm convert-sam-med3d` "
-                    "directory (e.g. made from the official seganypet_v2.pth)")
+    raise UserError("--checkpoint: required: a `petfm train-seganypet` workdir or a "
+                    "`petfm convert-sam-med3d` directory (e.g. made from the official seganypet_v2.pth)")
   image = load_volume(args.image, "--image")
   clicks = [parse_point(p, image.shape) for p in args.point]
   positives = [voxel for voxel, label in clicks if label == POSITIVE]
@@ -145,6 +150,7 @@ def main(argv: Sequence[str], stdin=None) -> int:
       print(f"error: {e}", flush=True)
       continue
     save_mask(mask, image, args.out)
-    print(f"click {len(session.points)} ({'+' if label == POSITIVE else '-'} {tuple(int(v) for v in voxel)}): "
+    sign = "+" if label == POSITIVE else "-"
+    print(f"click {len(session.points)} ({sign} {tuple(int(v) for v in voxel)}): "
           f"{int(mask.sum())} voxels, {1e3 * latency:.0f} ms", flush=True)
   return 0

@@ -70,7 +70,8 @@ class ModelSpec:
   @property
   def intensities(self) -> ml_collections.ConfigDict:
     """The fields `pipelines.normalize` reads."""
-    return ml_collections.ConfigDict(dict(ct_clip=self.ct_clip, suv_clip=self.suv_clip, suv_scale=self.suv_scale))
+    return ml_collections.ConfigDict(dict(ct_clip=self.ct_clip, suv_clip=self.suv_clip,
+                                          suv_scale=self.suv_scale))
 
 
 def build_model(spec: ModelSpec) -> sam3d.Sam3D:
@@ -128,7 +129,8 @@ class ClickModel:
       raise UserError(f"--checkpoint {directory}: no such directory")
     if os.path.isfile(os.path.join(directory, "model.json")):
       return cls(*load_trained(directory))
-    if os.path.isfile(os.path.join(directory, "config.json")) and os.path.isdir(os.path.join(directory, "variables")):
+    if (os.path.isfile(os.path.join(directory, "config.json"))
+        and os.path.isdir(os.path.join(directory, "variables"))):
       config, variables = convert.load(directory)
       return cls(ModelSpec("sam3d", config), variables)
     raise UserError(f"--checkpoint {directory}: neither a `petfm train-seganypet` workdir (model.json) nor a "
@@ -148,7 +150,8 @@ class ClickModel:
     low-res logits or None (zeros) → low-res logits (m, m, m). Compiles once per `segmenter.capacity`."""
     m = self.spec.sam.mask_size
     mask = jnp.zeros((m, m, m)) if mask_input is None else mask_input
-    points, labels = segmenter.pad_points(np.asarray(points, np.float32)[None], np.asarray(labels, np.int32)[None])
+    points, labels = segmenter.pad_points(np.asarray(points, np.float32)[None],
+                                          np.asarray(labels, np.int32)[None])
     logits, _ = _prompt_and_decode(self.model, self.variables, embedding[None], jnp.asarray(points),
                                    jnp.asarray(labels), mask[None])
     return logits[0]
