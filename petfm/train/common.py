@@ -69,7 +69,8 @@ def create_mesh(mesh_spec: Sequence[Sequence[Any]], devices: Sequence[jax.Device
   if -1 in sizes:
     check(n % known == 0, "mesh", f"{n} devices cannot be split into {dict(zip(names, sizes))}")
     sizes[sizes.index(-1)] = n // known
-  check(math.prod(sizes) == n, "mesh", f"{dict(zip(names, sizes))} needs {math.prod(sizes)} devices, have {n}")
+  check(math.prod(sizes) == n, "mesh",
+        f"{dict(zip(names, sizes))} needs {math.prod(sizes)} devices, have {n}")
   return jax.make_mesh(tuple(sizes), names, axis_types=(AxisType.Auto,) * len(names), devices=devices)
 
 
@@ -101,7 +102,8 @@ def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str,
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local_batch.items()}
 
 
-def check_batch_divisible(global_batch_size: int, mesh: Mesh, accum_steps: int = 1, field: str = "batch_size"):
+def check_batch_divisible(global_batch_size: int, mesh: Mesh, accum_steps: int = 1,
+                          field: str = "batch_size"):
   shards = mesh.shape["data"] * mesh.shape["fsdp"]
   check(global_batch_size % (shards * accum_steps) == 0, field,
         f"{global_batch_size} is not divisible by data×fsdp = {shards} × accum_steps = {accum_steps}")
@@ -126,14 +128,16 @@ def decay_mask(params: Any) -> Any:
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int) -> tuple[optax.GradientTransformation, Callable]:
+def make_optimizer(optim: ml_collections.ConfigDict,
+                   total_steps: int) -> tuple[optax.GradientTransformation, Callable]:
   """AdamW (no decay on bias/norm/position params) + linear warm-up and cosine decay + global-norm clipping.
 
   Fields: lr, warmup_steps, min_lr_ratio, weight_decay, b1, b2, grad_clip (0 = off), and optionally
   `frozen` / `lr_multipliers` handled by the caller through `optax.multi_transform`.
   """
   check(optim.lr > 0, "optim.lr", f"must be > 0, got {optim.lr}")
-  check(0 <= optim.warmup_steps <= total_steps, "optim.warmup_steps", f"must be in [0, total_steps={total_steps}]")
+  check(0 <= optim.warmup_steps <= total_steps, "optim.warmup_steps",
+        f"must be in [0, total_steps={total_steps}]")
   schedule = optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=optim.lr, warmup_steps=optim.warmup_steps,
       decay_steps=max(total_steps, optim.warmup_steps + 1), end_value=optim.lr * optim.min_lr_ratio)
@@ -277,7 +281,8 @@ def check_finite(metrics: Mapping[str, float], step: int, last_good_step: int | 
   """Stops training with one clear line when the loss is NaN/inf (the last good checkpoint is kept)."""
   bad = [k for k, v in metrics.items() if not np.isfinite(v)]
   if bad:
-    kept = f"the last good checkpoint is step {last_good_step}" if last_good_step is not None else "no checkpoint was written"
+    kept = (f"the last good checkpoint is step {last_good_step}" if last_good_step is not None
+            else "no checkpoint was written")
     raise UserError(f"training diverged: {', '.join(bad)} became non-finite at step {step}; stopped; {kept} "
                     "(try a lower config.optim.lr or config.optim.grad_clip)")
 

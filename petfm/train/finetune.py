@@ -3,13 +3,14 @@
 Tasks: `lesions` (per-voxel lesion segmentation of slabs, Dice + BCE, evaluated on whole volumes by sliding
 windows) and `staging` (Ann Arbor I–IV per study from all its slabs, cross-entropy). Protocols: `linear`
 (encoders frozen, gradients stop at their outputs), `finetune` (all params, layer-wise lr decay
-`optim.layer_decay`), `scratch` (random init, no decay). `label_fraction` keeps a seeded subset of the training
-patients. `init_from` loads the encoders of a pretraining run (its latest checkpoint); the backbone config and
-the data view/normalisation then come from that run's config.json.
+`optim.layer_decay`), `scratch` (random init, no decay). `label_fraction` keeps a seeded subset of the
+training patients. `init_from` loads the encoders of a pretraining run (its latest checkpoint); the backbone
+config and the data view/normalisation then come from that run's config.json.
 
-Trainer order as in `pretrain.py`: set-up → mesh → data → model, init and shardings → step → checkpoint (resume
-or init) → loop → evaluation. Rerunning in the same workdir resumes (training batches derive from (seed, step),
-so a resumed run sees the batches an uninterrupted one would) and a finished run is only re-evaluated.
+Trainer order as in `pretrain.py`: set-up → mesh → data → model, init and shardings → step → checkpoint
+(resume or init) → loop → evaluation. Rerunning in the same workdir resumes (training batches derive from
+(seed, step), so a resumed run sees the batches an uninterrupted one would) and a finished run is only
+re-evaluated.
 The workdir gets `config.json`, `checkpoints/`, `metrics.jsonl`, TensorBoard events and `results.json`
 (aggregate metrics on `eval.split`, plus per-study rows).
 """
@@ -55,7 +56,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   config_lib.check_choice(config, "head.kind", heads.SEG_HEADS)
   config_lib.check_choice(config, "staging.aggregation", heads.AGGREGATIONS)
   config_lib.check_choice(config, "staging.classes", tuple(ddata.NUM_STAGE_CLASSES))
-  config_lib.check(0 < config.label_fraction <= 1, "label_fraction", f"must be in (0, 1], got {config.label_fraction}")
+  config_lib.check(0 < config.label_fraction <= 1, "label_fraction",
+                   f"must be in (0, 1], got {config.label_fraction}")
   config_lib.check(config.total_steps > 0, "total_steps", f"must be > 0, got {config.total_steps}")
   config_lib.check(config.batch_size > 0, "batch_size", f"must be > 0, got {config.batch_size}")
   config_lib.check(0 < config.optim.layer_decay <= 1, "optim.layer_decay", "must be in (0, 1]")
@@ -74,12 +76,14 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     return config
   path = os.path.join(config.init_from, "config.json")
   if not os.path.exists(path):
-    raise UserError(f"--config.init_from {config.init_from}: no config.json; is it a `petfm pretrain` workdir?")
+    raise UserError(f"--config.init_from {config.init_from}: no config.json; is it a `petfm pretrain` "
+                    "workdir?")
   with open(path) as f:
     pretrained = json.load(f)
   out = ml_collections.ConfigDict(config.to_dict())
   model = fratmae.default_config("tiny", pretrained["model"]["method"])
-  model.update({k: tuple(v) if isinstance(v, list) else v for k, v in pretrained["model"].items() if k in model})
+  model.update({k: tuple(v) if isinstance(v, list) else v
+                for k, v in pretrained["model"].items() if k in model})
   out.model = model
   for key in ("view", "depth", "ct_clip", "suv_clip", "suv_scale"):
     value = pretrained["data"][key]
@@ -88,11 +92,12 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 def load_encoders(workdir: str) -> dict[str, Any]:
-  """The encoder params (`encoder`, or `pet_encoder` and `ct_encoder`) of a pretraining run's latest checkpoint,
-  as numpy arrays."""
+  """The encoder params (`encoder`, or `pet_encoder` and `ct_encoder`) of a pretraining run's latest
+  checkpoint, as numpy arrays."""
   directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
   if not os.path.isdir(directory):
-    raise UserError(f"--config.init_from {workdir}: no checkpoints/ folder; is it a `petfm pretrain` workdir?")
+    raise UserError(f"--config.init_from {workdir}: no checkpoints/ folder; is it a `petfm pretrain` "
+                    "workdir?")
   manager = ocp.CheckpointManager(directory)
   step = manager.latest_step()
   if step is None:
@@ -135,7 +140,8 @@ def scale_by_tree(multipliers: Any) -> optax.GradientTransformation:
       lambda updates, state, params=None: (jax.tree.map(lambda u, m: u * m, updates, multipliers), state))
 
 
-def make_optimizer(config: ml_collections.ConfigDict, params: Any) -> tuple[optax.GradientTransformation, Callable]:
+def make_optimizer(config: ml_collections.ConfigDict,
+                   params: Any) -> tuple[optax.GradientTransformation, Callable]:
   """`common.make_optimizer` + the protocol: linear → backbone updates are zero (no optimizer state for it);
   finetune → lr × layer_decay^(depth + 1 - layer id); scratch → plain."""
   tx, schedule = common.make_optimizer(config.optim, config.total_steps)
@@ -251,7 +257,8 @@ def train_studies(config: ml_collections.ConfigDict) -> list[ddata.Study]:
   if config.task == "staging":
     studies = [s for s in studies if s.stage in (1, 2, 3, 4)]
     if not studies:
-      raise UserError(f"{config.data_dir}: no training study of the chosen patients has a known Ann Arbor stage")
+      raise UserError(f"{config.data_dir}: no training study of the chosen patients has a known Ann Arbor "
+                      "stage")
   return studies
 
 
@@ -262,7 +269,8 @@ class Batches:
     self.config, self.studies = config, studies
     self.pad = ddata.pad_values(config.data)
     if config.task == "staging":
-      self.stacks = [ddata.study_stack(s, window(config), config.staging.max_slabs, self.pad) for s in studies]
+      self.stacks = [ddata.study_stack(s, window(config), config.staging.max_slabs, self.pad)
+                     for s in studies]
       self.stages = np.array([ddata.stage_index(s.stage, config.staging.classes) for s in studies], np.int32)
 
   def __call__(self, step: int) -> dict[str, np.ndarray]:
@@ -314,7 +322,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   with jax.set_mesh(mesh), nn.logical_axis_rules(setup.rules):
     if start_step:
       logger.message(f"resuming from the checkpoint at step {start_step} in {ckpt.directory}")
-      state = ckpt.restore(start_step, common.abstract_with_shardings(setup.abstract_state, setup.state_shardings))
+      state = ckpt.restore(start_step,
+                           common.abstract_with_shardings(setup.abstract_state, setup.state_shardings))
     else:
       state = setup.init(jax.random.key(config.seed), pretrained)
 
@@ -348,8 +357,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------ evaluation
 
 
-def predict_volume(config: ml_collections.ConfigDict, setup: Setup, params: Any, study: ddata.Study) -> np.ndarray:
-  """Lesion probability (X, Y, Z) of a whole study on its stored canonical grid (sliding window in the view)."""
+def predict_volume(config: ml_collections.ConfigDict, setup: Setup, params: Any,
+                   study: ddata.Study) -> np.ndarray:
+  """Lesion probability (X, Y, Z) of a whole study on its stored canonical grid (sliding window in the
+  view)."""
   size = config.eval.batch_size
 
   def predict(pet, ct):
@@ -358,8 +369,8 @@ def predict_volume(config: ml_collections.ConfigDict, setup: Setup, params: Any,
     with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
       return np.asarray(setup.predict(params, fill(pet), fill(ct)))[:n]
 
-  prob = lesions.sliding_window_probabilities(predict, study.pet, study.ct, window(config), config.eval.overlap,
-                                              size, ddata.pad_values(config.data))
+  prob = lesions.sliding_window_probabilities(predict, study.pet, study.ct, window(config),
+                                              config.eval.overlap, size, ddata.pad_values(config.data))
   return np.ascontiguousarray(pipelines.from_view(prob, config.data.view))
 
 
