@@ -18,8 +18,9 @@ def reconstruction_figure(batch: Mapping[str, np.ndarray], aux: Mapping[str, np.
                           num_samples: int = 4) -> str:
   """Rows = samples; for PET and CT: input, masked input (masked patches grey), reconstruction.
 
-  `batch` holds `pet`, `ct` `(B, H, W, D)` normalised to [-1, 1] (`pipelines.normalize`); `aux` holds `pred_pet`, `pred_ct` `(B, H, W, D)` (NaN or absent where
-  a modality was not reconstructed) and `mask_pet`, `mask_ct` `(B, H, W)` (1 = masked).
+  `batch` holds `pet`, `ct` `(B, H, W, D)` normalised to [-1, 1] (`pipelines.normalize`); `aux` holds
+  `pred_pet`, `pred_ct` `(B, H, W, D)` (NaN or absent where a modality was not reconstructed) and `mask_pet`,
+  `mask_ct` `(B, H, W)` (1 = masked).
   """
   n = min(num_samples, batch["pet"].shape[0])
   fig = Figure(figsize=(12, 2.5 * n))
@@ -34,15 +35,16 @@ def reconstruction_figure(batch: Mapping[str, np.ndarray], aux: Mapping[str, np.
       titles = ("input", f"masked ({mask.mean():.0%})", "reconstruction")
       for k, (panel, title) in enumerate(zip(panels, titles)):
         ax = axes[i, 3 * j + k]
-        ax.imshow(panel, cmap="gray_r" if modality == "pet" else "gray", vmin=-1, vmax=1, interpolation="nearest")
+        ax.imshow(panel, cmap="gray_r" if modality == "pet" else "gray", vmin=-1, vmax=1,
+                  interpolation="nearest")
         ax.set_axis_off()
         if i == 0:
           ax.set_title(f"{modality.upper()} {title}", fontsize=8)
   return save_figure(fig, path)
 
 
-def line_plot(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], path: str, xlabel: str, ylabel: str,
-              title: str = "", errors: Mapping[str, Sequence[float]] | None = None) -> str:
+def line_plot(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], path: str, xlabel: str,
+              ylabel: str, title: str = "", errors: Mapping[str, Sequence[float]] | None = None) -> str:
   """One line per named (x, y) series, optional error bars."""
   fig = Figure(figsize=(6, 4))
   ax = fig.subplots()

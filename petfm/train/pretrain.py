@@ -72,7 +72,8 @@ class Setup:
 
 
 def build(config: ml_collections.ConfigDict, mesh: Mesh, example: dict[str, np.ndarray]) -> Setup:
-  """Model, optimizer, shardings and the jitted init/step for `config` on `mesh`; `example` fixes the shapes."""
+  """Model, optimizer, shardings and the jitted init/step for `config` on `mesh`; `example` fixes the
+  shapes."""
   rules = common.rules_tuple(config.sharding_rules)
   model = fratmae.model_from_config(config.model, config.data, dtype=config.dtype)
   tx, schedule = common.make_optimizer(config.optim, config.total_steps)
@@ -108,7 +109,8 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, example: dict[str, np.n
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Trains to `config.total_steps` (resuming if `workdir` has checkpoints); returns the last logged metrics."""
+  """Trains to `config.total_steps` (resuming if `workdir` has checkpoints); returns the last logged
+  metrics."""
   validate(config)
 
   # ------------------------------------------------------------------ set-up
@@ -141,7 +143,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   with jax.set_mesh(mesh), nn.logical_axis_rules(setup.rules):
     if start_step:
       logger.message(f"resuming from the checkpoint at step {start_step} in {ckpt.directory}")
-      state = ckpt.restore(start_step, common.abstract_with_shardings(setup.abstract_state, setup.state_shardings),
+      state = ckpt.restore(start_step,
+                           common.abstract_with_shardings(setup.abstract_state, setup.state_shardings),
                            train_iter)
     else:
       state = setup.init(jax.random.key(config.seed))
@@ -160,8 +163,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
       if flops_per_step is None:
         compiled = setup.step.lower(state, batch).compile()
         flops_per_step = common.compiled_flops_per_device(compiled) * mesh.size
-        logger.message(f"{mesh.size} device(s) {dict(mesh.shape)}; {flops_per_step / 1e9:.3g} GFLOP per step; "
-                       f"peak {peak / 1e12:.3g} TFLOP/s per device ({peak_source})")
+        logger.message(f"{mesh.size} device(s) {dict(mesh.shape)}; {flops_per_step / 1e9:.3g} GFLOP per "
+                       f"step; peak {peak / 1e12:.3g} TFLOP/s per device ({peak_source})")
         visual_batch = batch
         t_last = time.perf_counter()
       state, metrics = compiled(state, batch)
@@ -203,11 +206,13 @@ def save_reconstruction_png(model, params, batch, step: int, workdir: str, logge
 # --------------------------------------------------------------------------------------------- evaluation
 
 
-def restore_params(config: ml_collections.ConfigDict, workdir: str, example: dict[str, np.ndarray]) -> tuple[Setup, Any]:
+def restore_params(config: ml_collections.ConfigDict, workdir: str,
+                   example: dict[str, np.ndarray]) -> tuple[Setup, Any]:
   """The latest params of a run, restored onto a one-device mesh (for evaluation on this host)."""
   mesh = common.create_mesh([("data", 1), ("fsdp", 1), ("tensor", 1)], jax.local_devices()[:1])
   setup = build(config, mesh, example)
-  ckpt = common.Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint.every_steps, config.checkpoint.keep)
+  ckpt = common.Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint.every_steps,
+                             config.checkpoint.keep)
   step = ckpt.latest_step()
   if step is None:
     raise UserError(f"{workdir}: no checkpoint to evaluate")
@@ -232,7 +237,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float
 
   held_out = [b for split in config.eval.splits if split in manifest["splits"] for b in batches(split)]
   if not held_out:
-    raise UserError(f"{config.data_dir}: none of the splits {list(config.eval.splits)} has studies to evaluate on")
+    raise UserError(f"{config.data_dir}: none of the splits {list(config.eval.splits)} has studies to "
+                    "evaluate on")
   setup, params = restore_params(config, workdir, model_batch(held_out[0], prompt_tokens))
   model = setup.model
 
@@ -258,14 +264,16 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float
 
   train_x, train_y = features(list(batches(config.eval.probe_split)))
   test_x, test_y = features(held_out)
-  result["probe_tracer_accuracy"] = probe.probe_accuracy(train_x, train_y, test_x, test_y, len(records.TRACERS))
+  result["probe_tracer_accuracy"] = probe.probe_accuracy(train_x, train_y, test_x, test_y,
+                                                         len(records.TRACERS))
   result["probe_chance"] = float(np.mean(test_y == np.bincount(train_y).argmax()))
   return result
 
 
 def main(argv: list[str]) -> int:
   def define(fv):
-    flags.DEFINE_string("workdir", None, "output folder: checkpoints, TensorBoard events, images", flag_values=fv)
+    flags.DEFINE_string("workdir", None, "output folder: checkpoints, TensorBoard events, images",
+                        flag_values=fv)
   parsed = config_lib.parse_command_line(argv, "pretrain", define)
   if not parsed.workdir:
     raise UserError("--workdir is required")

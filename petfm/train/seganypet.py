@@ -1,4 +1,5 @@
-"""SegAnyPET click-simulation training: `petfm train-seganypet --config experiments/seganypet.py:tiny --workdir DIR`.
+"""SegAnyPET click-simulation training: `petfm train-seganypet --config experiments/seganypet.py:tiny
+--workdir DIR`.
 
 Trainer order as in `pretrain.py`: set-up → mesh → data → model, abstract init and shardings → train step →
 checkpoint (resume or init) → loop. Re-running in the same workdir resumes exactly (params, optimizer state,
@@ -25,8 +26,8 @@ uncertainty exceeds the sample's mean uncertainty are "uncertain". The rectified
 outside the uncertain voxels and takes the ensemble's vote (mean probability > 0.5) inside (the released code
 intended GT XOR U, but flipping every uncertain label also flips voxels the rounds agree with the label on).
 Each round's loss becomes (2·DiceCE(pred, label) + DiceCE(pred, rectified)) / 3, the rectified label under
-stop-gradient, from step `cpcl.start_step` on (before that the plain loss), for every sample (the records carry
-no high/low label-quality flag).
+stop-gradient, from step `cpcl.start_step` on (before that the plain loss), for every sample (the records
+carry no high/low label-quality flag).
 """
 
 from __future__ import annotations
@@ -84,15 +85,18 @@ def model_spec(config: ml_collections.ConfigDict) -> promptable.ModelSpec:
   if config.backbone == "sam3d" and config.init_from:
     sam, _ = _converted(config.init_from)
     config_lib.check(sam.img_size == config.model.img_size, "init_from",
-                     f"checkpoint crop size {sam.img_size} differs from model.img_size {config.model.img_size}")
+                     f"checkpoint crop size {sam.img_size} differs from model.img_size "
+                     f"{config.model.img_size}")
   else:
     fields = {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in config.model.items()
               if k not in ("sam", "encoder")}
     sam = sam3d.get_config(config.model.sam, dtype=config.dtype, **fields)
   spacing = promptable.spec_spacing(config.data_dir, config.data.zoom)
-  encoder = tuple((k, int(v)) for k, v in config.model.encoder.items()) if config.backbone == "fratmae_twin" else ()
-  return promptable.ModelSpec(config.backbone, sam, encoder, spacing, tuple(config.data.channels), config.pet_norm,
-                              tuple(config.data.ct_clip), float(config.data.suv_clip), config.data.suv_scale)
+  encoder = (tuple((k, int(v)) for k, v in config.model.encoder.items()) if config.backbone == "fratmae_twin"
+             else ())
+  return promptable.ModelSpec(config.backbone, sam, encoder, spacing, tuple(config.data.channels),
+                              config.pet_norm, tuple(config.data.ct_clip), float(config.data.suv_clip),
+                              config.data.suv_scale)
 
 
 def _converted(directory: str) -> tuple[sam3d.Sam3DConfig, Any]:
@@ -112,10 +116,12 @@ def pretrained_params(config: ml_collections.ConfigDict, spec: promptable.ModelS
   from petfm.train import finetune
   path = os.path.join(config.init_from, "config.json")
   if not os.path.isfile(path):
-    raise UserError(f"--config.init_from {config.init_from}: no config.json; is it a `petfm pretrain` workdir?")
+    raise UserError(f"--config.init_from {config.init_from}: no config.json; is it a `petfm pretrain` "
+                    "workdir?")
   with open(path) as f:
     view = json.load(f)["data"]["view"]
-  encoders = sam3d_twin.encoders_from_pretraining(finetune.load_encoders(config.init_from), view, spec.sam.patch_size)
+  encoders = sam3d_twin.encoders_from_pretraining(finetune.load_encoders(config.init_from), view,
+                                                  spec.sam.patch_size)
   return {"params": encoders}
 
 
@@ -156,12 +162,14 @@ def click_rounds(model: sam3d.Sam3D, variables: Any, spec: promptable.ModelSpec,
     low, _ = segmenter.prompt_and_decode(model, variables, embedding, points, labels, low)
     return (low, points, labels), low
 
-  init = (jnp.zeros((b, m, m, m)), jnp.zeros((b, rounds, 3), jnp.int32), jnp.full((b, rounds), ABSENT, jnp.int32))
+  init = (jnp.zeros((b, m, m, m)), jnp.zeros((b, rounds, 3), jnp.int32),
+          jnp.full((b, rounds), ABSENT, jnp.int32))
   _, lows = jax.lax.scan(round_, init, jnp.arange(rounds))
   return jax.vmap(lambda low: sam3d.upsample_logits(low, s))(lows)
 
 
-def click_loss(logits: jax.Array, truth: jax.Array, cpcl: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+def click_loss(logits: jax.Array, truth: jax.Array,
+               cpcl: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
   """logits (R, B, S, S, S), truth (B, S, S, S) float, cpcl (bool scalar: use CPCL) → loss, metrics."""
   plain = jax.vmap(dice_ce, (0, None))(logits, truth)                           # (R, B)
   probs = jax.nn.sigmoid(logits)
@@ -212,7 +220,8 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, spec: promptable.ModelS
             "opt_state": tx.init(params), "rng": jax.random.key_data(state_rng)}
 
   def loss_fn(params, batch, rng, buffers, cpcl):
-    logits = click_rounds(model, {"params": params, "buffers": buffers}, spec, batch, config.clicks.rounds, rng)
+    logits = click_rounds(model, {"params": params, "buffers": buffers}, spec, batch, config.clicks.rounds,
+                          rng)
     return click_loss(logits, (batch["mask"] > 0).astype(jnp.float32), cpcl)
 
   def train_step(state, batch):
@@ -242,7 +251,8 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, spec: promptable.ModelS
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Trains to `config.total_steps` (resuming if `workdir` has checkpoints); returns the last logged metrics."""
+  """Trains to `config.total_steps` (resuming if `workdir` has checkpoints); returns the last logged
+  metrics."""
   validate(config)
 
   # ------------------------------------------------------------------ set-up
@@ -258,8 +268,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   common.check_batch_divisible(config.batch_size, mesh, config.optim.accum_steps)
 
   # ------------------------------------------------------------------ data
-  train_iter = iter(pipelines.crop_dataset(config.data_dir, "train", config.data, seed=config.seed, train=True,
-                                           batch_size=config.batch_size // jax.process_count()))
+  train_iter = iter(pipelines.crop_dataset(config.data_dir, "train", config.data, seed=config.seed,
+                                           train=True, batch_size=config.batch_size // jax.process_count()))
 
   # ------------------------------------------------------------------ model, optimizer, shardings, step
   pretrained = pretrained_params(config, spec)
@@ -273,7 +283,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   with jax.set_mesh(mesh), nn.logical_axis_rules(setup.rules):
     if start_step:
       logger.message(f"resuming from the checkpoint at step {start_step} in {ckpt.directory}")
-      state = ckpt.restore(start_step, common.abstract_with_shardings(setup.abstract_state, setup.state_shardings),
+      state = ckpt.restore(start_step,
+                           common.abstract_with_shardings(setup.abstract_state, setup.state_shardings),
                            train_iter)
     else:
       state = setup.init(jax.random.key(config.seed), pretrained)
@@ -314,7 +325,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
 
 def main(argv: list[str]) -> int:
   def define(fv):
-    flags.DEFINE_string("workdir", None, "output folder: model.json, checkpoints, TensorBoard events", flag_values=fv)
+    flags.DEFINE_string("workdir", None, "output folder: model.json, checkpoints, TensorBoard events",
+                        flag_values=fv)
   parsed = config_lib.parse_command_line(argv, "train-seganypet", define)
   if not parsed.workdir:
     raise UserError("--workdir is required")

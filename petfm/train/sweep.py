@@ -26,8 +26,8 @@ from petfm.data import records
 from petfm.errors import UserError
 from petfm.train import pretrain
 
-COLUMNS = (("rec_pet", "PET rec. loss"), ("rec_ct", "CT rec. loss"), ("probe_tracer_accuracy", "tracer probe acc."),
-           ("probe_chance", "chance"))
+COLUMNS = (("rec_pet", "PET rec. loss"), ("rec_ct", "CT rec. loss"),
+           ("probe_tracer_accuracy", "tracer probe acc."), ("probe_chance", "chance"))
 
 
 def declared_runs(config_path: str) -> list[dict[str, Any]]:
