@@ -1,4 +1,5 @@
-"""Downstream tasks: heads, losses, sliding-window inference, inverse geometry, fine-tuning, staging, predict CLI."""
+"""Downstream tasks: heads, losses, sliding-window inference, inverse geometry, fine-tuning, staging, predict
+CLI."""
 
 import json
 import os
@@ -30,7 +31,8 @@ SPACING = 3.0
 # Tiny fine-tuning run on the phantom cohort: coronal view of a 16 × 14 × 30 grid, 16 × 8 × 2 slabs.
 OVERRIDES = {"model.patch_size": (4, 4), "model.width": 32, "model.depth": 2, "model.num_heads": 4,
              "model.mlp_dim": 64, "data.plane_size": (16, 8), "data.depth": 2, "head.features": 4,
-             "batch_size": 8, "total_steps": 80, "foreground_fraction": 0.2, "optim.warmup_steps": 2, "optim.lr": 3e-3,
+             "batch_size": 8, "total_steps": 80, "foreground_fraction": 0.2, "optim.warmup_steps": 2,
+             "optim.lr": 3e-3,
              "checkpoint.every_steps": 40, "log_every_steps": 10, "eval.batch_size": 16,
              "staging.max_slabs": 4}
 
@@ -65,8 +67,9 @@ def test_segmentation_heads_shapes_and_gradient_flow(method, head):
     assert float(jnp.abs(grads[True]["backbone"][name]["patch_embed"]["proj"]["kernel"]).sum()) == 0
   for leaf in jax.tree.leaves(grads[False]["head"]):
     assert np.all(np.isfinite(leaf))
+  # every head param gets a gradient (at most one bias is 0)
   assert sum(float(jnp.abs(g).sum()) > 0 for g in jax.tree.leaves(grads[False]["head"])) >= \
-      len(jax.tree.leaves(grads[False]["head"])) - 1    # every head param gets a gradient (at most one bias is 0)
+      len(jax.tree.leaves(grads[False]["head"])) - 1
 
 
 def test_unetr_taps_evenly_spaced_layers_and_rejects_bad_patch():
@@ -92,10 +95,11 @@ def test_staging_ignores_padding_slabs(aggregation):
   assert np.all(np.asarray(weights)[~valid] == 0)
   pet2, ct2 = pet.copy(), ct.copy()
   pet2[~valid], ct2[~valid] = 5.0, -3.0                                       # change only the padding slabs
-  np.testing.assert_allclose(model.apply({"params": params}, pet2, ct2, valid)[0], logits, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(model.apply({"params": params}, pet2, ct2, valid)[0], logits, rtol=1e-5,
+                             atol=1e-6)
 
 
-# ------------------------------------------------------------------------------------------------ loss, windows
+# ---------------------------------------------------------------------------------------------- loss, windows
 
 
 def test_dice_bce_loss_matches_numpy_and_ignores_padding():
@@ -147,7 +151,7 @@ def test_sliding_window_of_a_pointwise_model_equals_the_whole_volume():
   assert averaged.shape == pet.shape and np.all(np.isfinite(averaged))
 
 
-# ------------------------------------------------------------------------------------------------ data helpers
+# ----------------------------------------------------------------------------------------------- data helpers
 
 
 def test_labelled_subsets_are_seeded_nested_and_never_empty():
@@ -156,7 +160,8 @@ def test_labelled_subsets_are_seeded_nested_and_never_empty():
   assert len(ten) == 2 and len(quarter) == 5 and full == patients
   assert set(ten) <= set(quarter)
   assert ten == ddata.labelled_subset(list(reversed(patients)), 0.1, seed=3)
-  assert ten != ddata.labelled_subset(patients, 0.1, seed=4) or quarter != ddata.labelled_subset(patients, 0.25, 4)
+  assert (ten != ddata.labelled_subset(patients, 0.1, seed=4)
+          or quarter != ddata.labelled_subset(patients, 0.25, 4))
   assert len(ddata.labelled_subset(patients[:3], 0.1, seed=0)) == 1
 
 
@@ -171,8 +176,8 @@ def test_layer_wise_lr_decay_multipliers():
   assert set(jax.tree.leaves(ids["backbone"]["pet_encoder"]["encoder"]["block_1"])) == {2}
   assert set(jax.tree.leaves(ids["head"])) == {depth + 1}
   # One AdamW step: with equal gradients the update of block i is 0.5^(depth + 1 - id) times the head's.
-  tx, _ = finetune.make_optimizer(config_lib.override(config, {"optim.weight_decay": 0.0, "optim.warmup_steps": 0}),
-                                  params)
+  tx, _ = finetune.make_optimizer(
+      config_lib.override(config, {"optim.weight_decay": 0.0, "optim.warmup_steps": 0}), params)
   grads = jax.tree.map(jnp.ones_like, params)
   updates, _ = tx.update(grads, tx.init(params), params)
   head = float(jax.tree.leaves(updates["head"])[0].ravel()[0])
@@ -212,7 +217,8 @@ def cohort(tmp_path_factory):
   root = tmp_path_factory.mktemp("cohort")
   nifti, out = root / "nifti", root / "records"
   for i in range(8):
-    write_autopet(str(nifti), f"P{i}", "s0", lesion_phantom(i), meta={"stage": 1 + i % 4, "patient_id": f"P{i}"})
+    write_autopet(str(nifti), f"P{i}", "s0", lesion_phantom(i),
+                  meta={"stage": 1 + i % 4, "patient_id": f"P{i}"})
   config = convert_configs.get_config()
   config.update(spacing=(SPACING,) * 3, val_fraction=0.0, test_fraction=0.3, seed=1)
   summary = convert.convert(str(nifti), str(out), config, workers=1, progress=False)
@@ -269,7 +275,8 @@ def test_rerun_of_a_finished_run_resumes_and_reevaluates(lesion_run):
 def test_predict_lesions_cli_writes_a_mask_in_the_input_geometry(cohort, lesion_run, tmp_path):
   volumes = lesion_phantom(11)
   lps, affine = reoriented(volumes, AFFINE, flips=(True, True, False))
-  folder = write_autopet(str(tmp_path / "study"), "P", "s", {k: v for k, v in lps.items() if k != "seg"}, affine)
+  folder = write_autopet(str(tmp_path / "study"), "P", "s", {k: v for k, v in lps.items() if k != "seg"},
+                         affine)
   out = str(tmp_path / "pred" / "mask.nii.gz")
   proc = subprocess.run([sys.executable, "-m", "petfm.cli", "predict-lesions", "--checkpoint",
                          lesion_run["workdir"], "--study", folder, "--out", out],

@@ -42,7 +42,8 @@ def make_batch(batch=4, size=(16, 8), depth=2, text_dim=6, seed=0):
 def params_for(method):
   """Params shared by every test of a method (mask mode, ratios and norm_pix_loss do not change them)."""
   model = fratmae.model_from_config(small_config(method, mask_mode="both_masked"))
-  return model.init({"params": jax.random.key(0), "masking": jax.random.key(0)}, make_batch(batch=2))["params"]
+  return model.init({"params": jax.random.key(0), "masking": jax.random.key(0)},
+                    make_batch(batch=2))["params"]
 
 
 def run(model, batch, key=1, params=None):
@@ -97,8 +98,8 @@ def test_masked_mse_only_masked_patches(norm_pix):
   mask = (rng.random((3, 6)) < 0.5).astype(np.float32)
   mask[:, 0] = 1
   loss = lambda p, t: fratmae.masked_mse(p, fratmae.patch_targets(t, norm_pix)[0], mask)
-  np.testing.assert_allclose(loss(pred, patches), numpy_masked_mse(pred, numpy_targets(patches, norm_pix), mask),
-                             rtol=1e-5)
+  np.testing.assert_allclose(loss(pred, patches),
+                             numpy_masked_mse(pred, numpy_targets(patches, norm_pix), mask), rtol=1e-5)
   grad = jax.grad(loss)(pred, patches)
   assert np.all(grad[mask == 0] == 0) and np.any(grad[mask == 1] != 0)
   changed = np.where(mask[..., None] == 0, patches + 1.0, patches)       # visible-patch targets moved
@@ -108,7 +109,8 @@ def test_masked_mse_only_masked_patches(norm_pix):
 @pytest.mark.parametrize("norm_pix", [False, True])
 def test_model_reconstruction_loss_matches_numpy(norm_pix):
   """rec_pet/rec_ct from the model = numpy MSE of its (re-normalised) predictions on the masked patches."""
-  model = fratmae.model_from_config(small_config("fratmae_noca", mask_mode="both_masked", norm_pix_loss=norm_pix))
+  model = fratmae.model_from_config(small_config("fratmae_noca", mask_mode="both_masked",
+                                                 norm_pix_loss=norm_pix))
   batch = make_batch()
   _, _, metrics = run(model, batch)
   for name in ("pet", "ct"):
@@ -193,7 +195,8 @@ def test_every_method_runs_with_finite_losses(method):
     assert encoded[key]["tokens"].shape == (4, 8, 32) and len(encoded[key]["layers"]) == 2
   np.testing.assert_allclose(encoded["pooled_pet"], encoded[keys[0]]["tokens"].mean(1), atol=1e-6)
   # every param carries logical axis names
-  boxed = jax.eval_shape(lambda: model.init({"params": jax.random.key(0), "masking": jax.random.key(1)}, batch))
+  boxed = jax.eval_shape(
+      lambda: model.init({"params": jax.random.key(0), "masking": jax.random.key(1)}, batch))
   leaves = jax.tree.leaves(boxed["params"], is_leaf=lambda v: isinstance(v, nn.Partitioned))
   assert all(isinstance(v, nn.Partitioned) and len(v.names) == len(v.value.shape) for v in leaves)
 
@@ -217,8 +220,8 @@ def test_bf16_compute_runs():
 def test_sharded_forward_equals_single_device():
   mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
   rules = (("act_batch", ("data", "fsdp")), ("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"),
-           ("act_len", None), ("act_embed", None), ("act_mlp", "tensor"), ("act_heads", "tensor"), ("patch", None),
-           ("norm", None), ("vocab", None))
+           ("act_len", None), ("act_embed", None), ("act_mlp", "tensor"), ("act_heads", "tensor"),
+           ("patch", None), ("norm", None), ("vocab", None))
   model = fratmae.model_from_config(small_config())
   batch = make_batch(batch=8)
   params, loss, _ = run(model, batch)
@@ -228,8 +231,9 @@ def test_sharded_forward_equals_single_device():
     shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract), mesh, rules)
     sharded_params = jax.device_put(params, shardings)
     sharded_batch = jax.device_put(batch, NamedSharding(mesh, PartitionSpec(("data", "fsdp"))))
-    sharded_loss = jax.jit(lambda p, b: model.apply({"params": p}, b, rngs={"masking": jax.random.key(1)})[0])(
-        sharded_params, sharded_batch)
+    sharded_loss = jax.jit(
+        lambda p, b: model.apply({"params": p}, b, rngs={"masking": jax.random.key(1)})[0])(
+            sharded_params, sharded_batch)
   np.testing.assert_allclose(sharded_loss, loss, rtol=1e-5)
 
 
@@ -237,7 +241,8 @@ def test_sharded_forward_equals_single_device():
 
 
 def numpy_multi_positive(image, text, positives, scale):
-  """Loop reference: for each image (text), cross-entropy against the uniform distribution on its positives."""
+  """Loop reference: for each image (text), cross-entropy against the uniform distribution on its
+  positives."""
   def log_softmax(row):
     row = row - row.max()
     return row - np.log(np.exp(row).sum())
@@ -343,7 +348,8 @@ def test_context_align_learns_to_separate_tracers():
 
 def test_default_config_fields():
   config = fratmae.default_config("B", "mae_ca")
-  assert (config.method, config.width, config.decoder_width, config.patch_size) == ("mae_ca", 768, 512, (16, 16))
+  assert ((config.method, config.width, config.decoder_width, config.patch_size)
+          == ("mae_ca", 768, 512, (16, 16)))
   assert config.mask_ratio_pet is None and fratmae.mask_ratios(config) == {"pet": 0.75, "ct": 0.75}
   config.mask_ratio_ct = 0.9
   assert fratmae.mask_ratios(config) == {"pet": 0.75, "ct": 0.9}
@@ -369,7 +375,8 @@ def test_bad_config_values(field, value, message):
 
 def test_bad_data_config_values():
   data = ml_collections.ConfigDict({"plane_size": (30, 16), "depth": 4})
-  with pytest.raises(UserError, match=r"config.data.plane_size: \(30, 16\) is not divisible by model.patch_size"):
+  with pytest.raises(UserError,
+                     match=r"config.data.plane_size: \(30, 16\) is not divisible by model.patch_size"):
     fratmae.validate_config(small_config(), data)
   data.plane_size = (8, 4)
   with pytest.raises(UserError, match="config.model.mask_ratio_pet: 0.75 keeps 0 of 2 tokens"):

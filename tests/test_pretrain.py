@@ -14,14 +14,16 @@ from petfm import config as config_lib
 from petfm.errors import UserError
 from petfm.train import common, pretrain
 
-CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", "fratmae.py")
+CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments",
+                      "fratmae.py")
 
 # A very small FratMAE on 32 × 16 × 2 slabs: every code path of the tiny variant, seconds per run.
 SMALL = {"data.plane_size": (32, 16), "data.depth": 2, "model.patch_size": (8, 8), "model.width": 32,
          "model.depth": 2, "model.num_heads": 2, "model.mlp_dim": 64, "model.decoder_width": 32,
          "model.decoder_depth": 1, "model.decoder_heads": 2, "model.decoder_mlp_dim": 64,
          "model.ca_proj_dim": 16, "model.text_width": 16, "model.text_heads": 2, "batch_size": 8,
-         "data.fit": "resize", "optim.warmup_steps": 2, "log_every_steps": 2, "image_every_steps": 0, "checkpoint.async_save": False}
+         "data.fit": "resize", "optim.warmup_steps": 2, "log_every_steps": 2, "image_every_steps": 0,
+         "checkpoint.async_save": False}
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +118,8 @@ def test_nan_loss_stops_with_clear_message(records_dir, tmp_path):
 
 @pytest.mark.slow
 def test_training_cuts_loss_and_probe_tells_tracers(records_dir, tmp_path):
-  """200 small steps cut the reconstruction loss by at least 1.5×; the pooled PET embedding separates FDG/PSMA."""
+  """200 small steps cut the reconstruction loss by at least 1.5×; the pooled PET embedding separates
+  FDG/PSMA."""
   config = small_config(data_dir=records_dir, total_steps=200, **{"optim.lr": 2e-3, "log_every_steps": 10,
                                                                   "checkpoint.every_steps": 200})
   pretrain.train(config, str(tmp_path / "run"))

@@ -60,7 +60,8 @@ def test_capacity_padding_changes_nothing_and_compiles_once_per_capacity(segment
   embedding = segmenter.embed(io["crop"])
   segmenter = Segmenter(SMALL, segmenter.variables)          # fresh jit caches
   logits = None
-  for n in range(1, 7):                      # capacities 1, 2, 4, 4, 8, 8; mask prompt from the previous click
+  for n in range(1, 7):                      # capacities 1, 2, 4, 4, 8, 8; mask prompt from the previous
+                                             # click
     points, labels = _clicks(rng, n, 32)
     mask = np.zeros((1, 16, 16, 16), np.float32) if logits is None else np.asarray(logits)[None]
     ref_logits, ref_iou = _unpadded(SMALL, segmenter.variables, embedding[None], points, labels, mask)
@@ -89,7 +90,8 @@ def test_capacity_padding_in_folded_attention_orders():
     padded_labels = np.full((1, 16), sam3d.ABSENT, np.int32)
     padded_points[0, slots], padded_labels[0, slots] = points[0], labels[0]
     out = jax.jit(lambda *a: segmenter_lib.prompt_and_decode(model, *a))(
-        variables, jnp.asarray(embedding), jnp.asarray(padded_points), jnp.asarray(padded_labels), jnp.asarray(mask))
+        variables, jnp.asarray(embedding), jnp.asarray(padded_points), jnp.asarray(padded_labels),
+        jnp.asarray(mask))
     for a, b in zip(out, ref):      # float32 rounding: merely reordering the real points differs by ≈ 1.5e-6
       np.testing.assert_allclose(a, b, rtol=0, atol=3e-6 * max(1.0, float(np.abs(b).max())))
   assert [segmenter_lib.capacity(n) for n in (1, 2, 3, 5, 8, 9)] == [1, 2, 4, 8, 8, 16]

@@ -57,14 +57,16 @@ def test_sample_clicks_land_in_the_error_region():
   pred[2] = truth[2]                               # sample 2: exact → a truth voxel, positive
   key = jax.random.key(3)
   for seed in range(5):
-    points, labels = clicks.sample_clicks(jax.random.fold_in(key, seed), jnp.asarray(pred), jnp.asarray(truth))
+    points, labels = clicks.sample_clicks(jax.random.fold_in(key, seed), jnp.asarray(pred),
+                                          jnp.asarray(truth))
     points, labels = np.asarray(points), np.asarray(labels)
     assert truth[0][tuple(points[0])] and labels[0] == POSITIVE          # FN → positive
     assert tuple(points[1]) == (5, 5, 5) and labels[1] == NEGATIVE       # FP → negative
     assert truth[2][tuple(points[2])] and labels[2] == POSITIVE
   again = clicks.sample_clicks(jax.random.fold_in(key, 4), jnp.asarray(pred), jnp.asarray(truth))
   assert np.array_equal(np.asarray(again[0]), points) and np.array_equal(np.asarray(again[1]), labels)
-  draws = {tuple(np.asarray(clicks.sample_clicks(jax.random.key(s), jnp.asarray(pred), jnp.asarray(truth))[0][0]))
+  draws = {tuple(np.asarray(
+               clicks.sample_clicks(jax.random.key(s), jnp.asarray(pred), jnp.asarray(truth))[0][0]))
            for s in range(20)}
   assert len(draws) > 5                                                   # uniform over the region, not fixed
   empty = clicks.sample_clicks(key, jnp.zeros((1, 4, 4, 4), bool), jnp.zeros((1, 4, 4, 4), bool))
@@ -137,13 +139,15 @@ def test_eval_clicks_writes_table_and_scores_match_metrics(cohort, trained, clic
   assert {r["name"] for r in rows} >= {"lesion"}
   # row 0 by hand: one click at the truth's most interior voxel, Dice against the crop's truth
   model = click_model
-  batch = next(iter(pipelines.crop_dataset(cohort, "test", promptable.data_config_for(model.spec, cohort), seed=0,
-                                           train=False, batch_size=1, shard_index=0, shard_count=1)))
+  batch = next(iter(pipelines.crop_dataset(cohort, "test", promptable.data_config_for(model.spec, cohort),
+                                           seed=0, train=False, batch_size=1, shard_index=0,
+                                           shard_count=1)))
   truth = batch["mask"][0] > 0
   point, label = clicks.next_click(np.zeros_like(truth), truth)
   pred = model.upsample(model.predict(model.embed(batch["image"][0]), [point], [label])) > 0
   assert rows[0]["dice_1"] == pytest.approx(metrics.dice(pred, truth))
-  assert rows[0]["surface_dice_1"] == pytest.approx(metrics.surface_dice(pred, truth, fixtures_records.SPACING))
+  assert rows[0]["surface_dice_1"] == pytest.approx(
+      metrics.surface_dice(pred, truth, fixtures_records.SPACING))
 
 
 # ----------------------------------------------------------------------------------------------- segment
@@ -184,8 +188,8 @@ def test_click_model_compiles_once_per_capacity(click_model):
   embedding = click_model.embed(np.random.default_rng(0).standard_normal((16, 16, 16, 1)).astype(np.float32))
   sizes, low = [promptable._prompt_and_decode._cache_size()], None
   for n in range(1, 9):
-    low = click_model.predict(embedding, [[8, 8, 8]] + [[2 * i, 3, 5] for i in range(1, n)], [1] + [0] * (n - 1),
-                              low)
+    low = click_model.predict(embedding, [[8, 8, 8]] + [[2 * i, 3, 5] for i in range(1, n)],
+                              [1] + [0] * (n - 1), low)
     sizes.append(promptable._prompt_and_decode._cache_size())
   new = np.diff(sizes)
   assert all(new[n - 1] == 0 for n in (4, 6, 7, 8)) and sum(new) <= 4
@@ -208,8 +212,8 @@ def test_segment_cli_bad_input_one_line_exit_2(trained, tmp_path, capsys, args, 
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and message in err[0]
   (tmp_path / "bad.nii.gz").write_bytes(b"not nifti")
-  assert cli.main(["segment", "--image", str(tmp_path / "bad.nii.gz"), "--point", "1,1,1", "--out", "x.nii.gz",
-                   "--checkpoint", trained]) == 2
+  assert cli.main(["segment", "--image", str(tmp_path / "bad.nii.gz"), "--point", "1,1,1", "--out",
+                   "x.nii.gz", "--checkpoint", trained]) == 2
   assert "cannot read" in capsys.readouterr().err
 
 

@@ -1,4 +1,5 @@
-"""Text side of ContextAlign (petfm.models.text_encoder): hashed word tokenizer and the frozen MiniLM encoder."""
+"""Text side of ContextAlign (petfm.models.text_encoder): hashed word tokenizer and the frozen MiniLM
+encoder."""
 
 import os
 import subprocess
@@ -13,7 +14,8 @@ from petfm.models import text_encoder
 
 
 def test_tokenize_words_normalises_pads_and_truncates():
-  ids = text_encoder.tokenize_words(["[18F]FDG PET/CT", "18f fdg pet ct", "PSMA PET/CT of a 63-year-old", ""], 5)
+  ids = text_encoder.tokenize_words(["[18F]FDG PET/CT", "18f fdg pet ct", "PSMA PET/CT of a 63-year-old", ""],
+                                    5)
   assert ids.dtype == np.int32 and ids.shape == (4, 5)
   np.testing.assert_array_equal(ids[0], ids[1])                   # case and punctuation do not matter
   assert ids[0, 4] == 0 and np.all(ids[0, :4] > 0)                 # 4 words, then padding
@@ -26,9 +28,10 @@ def test_tokenize_words_normalises_pads_and_truncates():
 
 
 def test_tokenize_words_is_the_same_in_every_process():
-  code = "from petfm.models.text_encoder import tokenize_words; print(tokenize_words(['FDG PET/CT'], 4).tolist())"
-  outputs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO,
-                            env={**os.environ, "PYTHONHASHSEED": seed, "PYTHONPATH": str(REPO)}).stdout
+  code = ("from petfm.models.text_encoder import tokenize_words; "
+          "print(tokenize_words(['FDG PET/CT'], 4).tolist())")
+  outputs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                            cwd=REPO, env={**os.environ, "PYTHONHASHSEED": seed, "PYTHONPATH": str(REPO)}).stdout
              for seed in ("1", "2")}
   assert outputs == {str(text_encoder.tokenize_words(["FDG PET/CT"], 4).tolist()) + "\n"}
 

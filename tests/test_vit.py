@@ -18,8 +18,9 @@ TIMM_PTH, TIMM_MAE_PTH, TIMM_IO = (GOLDEN_DIR / n for n in ("timm_vit_tiny.pth",
 
 
 def reference_sincos(grid, sizes):
-  """Loop re-derivation of MAE's sin-cos table: part p (of width sizes[p]) encodes the grid axis counted from the
-  last one; within a part, [sin(pos·ω_i) for i] + [cos(pos·ω_i) for i], ω_i = 10000^(-i / (size/2))."""
+  """Loop re-derivation of MAE's sin-cos table: part p (of width sizes[p]) encodes the grid axis counted
+  from the last one; within a part, [sin(pos·ω_i) for i] + [cos(pos·ω_i) for i], ω_i = 10000^(-i /
+  (size/2))."""
   table = []
   for coords in np.ndindex(*grid):
     row = []
@@ -47,7 +48,8 @@ def test_sincos_rejects_odd_width():
 
 @pytest.mark.parametrize("shape, patch", [((2, 16, 8, 5), (4, 2)), ((2, 8, 12, 4, 3), (4, 3, 2))])
 def test_patch_embed_is_linear_map_of_patchified_input(shape, patch):
-  """The strided conv equals patchify → flattened kernel, so tokens and reconstruction targets share one order."""
+  """The strided conv equals patchify → flattened kernel, so tokens and reconstruction targets share one
+  order."""
   x = jax.random.normal(jax.random.key(0), shape)
   embed = vit.PatchEmbed(16, patch)
   params = nn.unbox(embed.init(jax.random.key(1), x))["params"]
@@ -145,7 +147,8 @@ def test_every_param_has_logical_axis_names():
   for model in (tiny_vit(posemb="learn", cls_token=True), tiny_vit()):
     boxed = jax.eval_shape(model.init, jax.random.key(0), x)["params"]
     leaves = jax.tree.leaves(boxed, is_leaf=lambda v: isinstance(v, nn.Partitioned))
-    assert leaves and all(isinstance(v, nn.Partitioned) and len(v.names) == len(v.value.shape) for v in leaves)
+    assert leaves and all(isinstance(v, nn.Partitioned) and len(v.names) == len(v.value.shape)
+                          for v in leaves)
     names = {n for v in leaves for n in v.names}
     assert {"embed", "mlp", "heads", "patch", "norm"} <= names
 
@@ -176,8 +179,10 @@ def test_decode_variant():
 
 
 def timm_like_vit(channels=3, **kw):
-  """The golden timm model's architecture: img 32, patch 8, width 48, depth 2, 4 heads, CLS, learned posemb."""
-  fields = dict(width=48, depth=2, num_heads=4, mlp_dim=192, patch_size=(8, 8), posemb="learn", cls_token=True)
+  """The golden timm model's architecture: img 32, patch 8, width 48, depth 2, 4 heads, CLS, learned
+  posemb."""
+  fields = dict(width=48, depth=2, num_heads=4, mlp_dim=192, patch_size=(8, 8), posemb="learn",
+                cls_token=True)
   model = vit.ViT(**{**fields, **kw})
   return model, jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, channels)))["params"]
 
@@ -192,7 +197,8 @@ def test_timm_parity_from_golden(path):
   io = np.load(TIMM_IO)
   model, target = timm_like_vit()
   params, ignored = checkpoints.load_vit_checkpoint(str(path), target)
-  assert isinstance(jax.tree.leaves(params, is_leaf=lambda v: isinstance(v, nn.Partitioned))[0], nn.Partitioned)
+  assert isinstance(jax.tree.leaves(params, is_leaf=lambda v: isinstance(v, nn.Partitioned))[0],
+                    nn.Partitioned)
   if path == TIMM_MAE_PTH:
     assert "mask_token" in ignored and all(k == "mask_token" or k.startswith("decoder_") for k in ignored)
   np.testing.assert_allclose(features(model, params, io["image"]), io["features"], atol=1e-5)
@@ -206,7 +212,8 @@ def test_checkpoint_mismatches_are_one_error():
   with pytest.raises(UserError, match=r"missing encoder/block_2/attn/key/bias"):
     checkpoints.load_vit_checkpoint(str(TIMM_PTH), deep)
   _, wide = timm_like_vit(mlp_dim=96)
-  with pytest.raises(UserError, match=r"blocks\.0\.mlp\.fc1\.weight has shape \(48, 192\), expected \(48, 96\)"):
+  with pytest.raises(UserError,
+                     match=r"blocks\.0\.mlp\.fc1\.weight has shape \(48, 192\), expected \(48, 96\)"):
     checkpoints.load_vit_checkpoint(str(TIMM_PTH), wide)
   _, patch4 = timm_like_vit(patch_size=(4, 4))
   with pytest.raises(UserError, match="patch sizes must match"):

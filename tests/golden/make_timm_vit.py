@@ -4,9 +4,9 @@ Run once in a venv with timm (never in CI):
   python -m venv /work/venv-timm && /work/venv-timm/bin/pip install torch==2.14.1 torchvision==0.29.1 timm
   /work/venv-timm/bin/python tests/golden/make_timm_vit.py
 Writes to tests/golden/:
-  timm_vit_tiny.pth      `torch.save` of the bare state dict (img 32, patch 8, width 48, depth 2, 4 heads, CLS,
-                         learned posemb); every param is perturbed away from timm's init so that biases, norms
-                         and the CLS slot all matter;
+  timm_vit_tiny.pth      `torch.save` of the bare state dict (img 32, patch 8, width 48, depth 2, 4 heads,
+                         CLS, learned posemb); every param is perturbed away from timm's init so that biases,
+                         norms and the CLS slot all matter;
   timm_vit_tiny_mae.pth  the same weights in the official-MAE layout `{'model': state dict}` plus
                          `mask_token` and `decoder_*` entries (which a loader must ignore);
   timm_vit_tiny_io.npz   `image` (2, 32, 32, 3) NHWC float32 and `features` = forward_features (2, 17, 48).
