@@ -31,7 +31,8 @@ def test_tokenize_words_is_the_same_in_every_process():
   code = ("from petfm.models.text_encoder import tokenize_words; "
           "print(tokenize_words(['FDG PET/CT'], 4).tolist())")
   outputs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                            cwd=REPO, env={**os.environ, "PYTHONHASHSEED": seed, "PYTHONPATH": str(REPO)}).stdout
+                            cwd=REPO,
+                            env={**os.environ, "PYTHONHASHSEED": seed, "PYTHONPATH": str(REPO)}).stdout
              for seed in ("1", "2")}
   assert outputs == {str(text_encoder.tokenize_words(["FDG PET/CT"], 4).tolist()) + "\n"}
 
