@@ -54,17 +54,20 @@ def _coerce(key: str, value: str, default: Any) -> Any:
 
 
 def parse_command_line(
-    argv: Sequence[str], prog: str, define_flags: Callable[[flags.FlagValues], None] | None = None
+    argv: Sequence[str], prog: str, define_flags: Callable[[flags.FlagValues], None] | None = None,
+    workdir: str | None = None,
 ) -> flags.FlagValues:
   """Parses `--config FILE.py:ARG [--config.FIELD=VALUE ...]` plus the flags added by `define_flags`.
 
-  Returns the parsed `FlagValues` (`.config` holds the locked ConfigDict). Bad flags, unknown config fields
-  and unparsable values raise `UserError`. `--help` prints the flags and raises SystemExit(0).
+  Returns the parsed `FlagValues` (`.config` holds the locked ConfigDict). With `workdir` (its help text) a
+  required `--workdir` flag is added. Bad flags, unknown config fields and unparsable values raise `UserError`. `--help` prints the flags and raises SystemExit(0).
   """
   argv = [prog, *argv]
   fv = flags.FlagValues()
   config_flags.DEFINE_config_file(
       "config", None, "experiment config, FILE.py:ARG", flag_values=fv, lock_config=True, sys_argv=argv)
+  if workdir:
+    flags.DEFINE_string("workdir", None, workdir, flag_values=fv)
   if define_flags:
     define_flags(fv)
   if any(a in ("-h", "--help") for a in argv[1:]):
@@ -86,6 +89,8 @@ def parse_command_line(
     raise UserError(f"unexpected arguments: {' '.join(rest[1:])}")
   if fv.config is None:
     raise UserError("--config FILE.py:ARG is required")
+  if workdir and not fv.workdir:
+    raise UserError("--workdir is required")
   return fv
 
 

@@ -10,7 +10,6 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pathlib
 
-import pytest
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 # The real CT fixtures; PETFM_TOTALSEG_DIR points elsewhere (e.g. from a git worktree).

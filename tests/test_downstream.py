@@ -18,7 +18,7 @@ from test_convert import AFFINE, phantom, reoriented, write_autopet
 from data_prep import convert
 from data_prep.configs import convert as convert_configs
 from petfm import config as config_lib
-from petfm.data import geometry, pipelines, records
+from petfm.data import geometry, pipelines
 from petfm.downstream import data as ddata
 from petfm.downstream import lesions
 from petfm.downstream import predict as predict_lib

@@ -118,7 +118,7 @@ def box_layer_areas(shape, spacing):
   Cells on a face carry the face's area element, cells on an edge a chamfer 0.5 * s_edge * hypot(other two),
   and the 8 corner cells a triangle |(s1 s2, s0 s2, s0 s1)| / 8. Returns (end layer area, middle layer area).
   """
-  (n0, n1, n2), (s0, s1, s2) = shape, spacing
+  (_, n1, n2), (s0, s1, s2) = shape, spacing
   edge = [0.5 * s0 * math.hypot(s1, s2), 0.5 * s1 * math.hypot(s0, s2), 0.5 * s2 * math.hypot(s0, s1)]
   corner = math.hypot(s1 * s2, s0 * s2, s0 * s1) / 8
   end = (n1 - 1) * (n2 - 1) * s1 * s2 + 2 * (n1 - 1) * edge[1] + 2 * (n2 - 1) * edge[2] + 4 * corner

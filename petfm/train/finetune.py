@@ -30,11 +30,10 @@ import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
-from absl import flags
 from jax.sharding import Mesh
 
 from petfm import config as config_lib
-from petfm.data import geometry, pipelines, records
+from petfm.data import pipelines, records
 from petfm.downstream import data as ddata
 from petfm.downstream import lesions
 from petfm.errors import UserError
@@ -447,11 +446,8 @@ def summary_line(results: dict[str, Any]) -> str:
 
 
 def main(argv: list[str]) -> int:
-  def define(fv):
-    flags.DEFINE_string("workdir", None, "output folder: checkpoints, metrics, results.json", flag_values=fv)
-  parsed = config_lib.parse_command_line(argv, "finetune", define)
-  if not parsed.workdir:
-    raise UserError("--workdir is required")
+  parsed = config_lib.parse_command_line(
+      argv, "finetune", workdir="output folder: checkpoints, metrics, results.json")
   results = train(parsed.config, parsed.workdir)
   print(json.dumps({k: v for k, v in results.items() if k != "studies"}, default=float))
   print(summary_line(results))

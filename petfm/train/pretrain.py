@@ -22,7 +22,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from absl import flags
 from jax.sharding import Mesh
 
 from petfm import config as config_lib
@@ -271,12 +270,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float
 
 
 def main(argv: list[str]) -> int:
-  def define(fv):
-    flags.DEFINE_string("workdir", None, "output folder: checkpoints, TensorBoard events, images",
-                        flag_values=fv)
-  parsed = config_lib.parse_command_line(argv, "pretrain", define)
-  if not parsed.workdir:
-    raise UserError("--workdir is required")
+  parsed = config_lib.parse_command_line(
+      argv, "pretrain", workdir="output folder: checkpoints, TensorBoard events, images")
   metrics = train(parsed.config, parsed.workdir)
   print(json.dumps({k: round(v, 6) for k, v in metrics.items()}))
   return 0

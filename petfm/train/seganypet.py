@@ -45,7 +45,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from absl import flags
 from jax.sharding import Mesh
 
 from petfm import config as config_lib
@@ -233,7 +232,7 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, spec: promptable.ModelS
         config.optim.accum_steps)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    metrics.update(grad_norm=optax.global_norm(grads), lr=schedule(state["step"]))
+    metrics.update(grad_norm=optax.tree.norm(grads), lr=schedule(state["step"]))
     return {**state, "step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
@@ -324,12 +323,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
 
 
 def main(argv: list[str]) -> int:
-  def define(fv):
-    flags.DEFINE_string("workdir", None, "output folder: model.json, checkpoints, TensorBoard events",
-                        flag_values=fv)
-  parsed = config_lib.parse_command_line(argv, "train-seganypet", define)
-  if not parsed.workdir:
-    raise UserError("--workdir is required")
+  parsed = config_lib.parse_command_line(
+      argv, "train-seganypet", workdir="output folder: model.json, checkpoints, TensorBoard events")
   metrics = train(parsed.config, parsed.workdir)
   print(json.dumps({k: round(v, 6) for k, v in metrics.items()}))
   return 0

@@ -119,12 +119,9 @@ def run_sweep(config: ml_collections.ConfigDict, config_path: str, workdir: str,
 
 def main(argv: list[str]) -> int:
   def define(fv):
-    flags.DEFINE_string("workdir", None, "folder for the runs and the table", flag_values=fv)
     flags.DEFINE_multi_string("only", [], "KEY=V1,V2: run only the declared runs with KEY in the values "
                               "(repeatable; all keys must match)", flag_values=fv)
-  parsed = config_lib.parse_command_line(argv, "sweep", define)
-  if not parsed.workdir:
-    raise UserError("--workdir is required")
+  parsed = config_lib.parse_command_line(argv, "sweep", define, workdir="folder for the runs and the table")
   config_path = config_lib.config_path(argv)
   run_sweep(parsed.config, config_path, parsed.workdir, parse_only(parsed.only))
   return 0
