@@ -61,20 +61,13 @@ def slab_features(encoded: dict[str, Any]) -> jax.Array:
   return jnp.concatenate([jnp.mean(encoded[n]["tokens"], axis=1) for n in encoder_names(encoded)], axis=-1)
 
 
-# Final-layer bias of the lesion heads: logit of the lesion prior (RetinaNet-style), so an untrained head
-# predicts background everywhere instead of p = 0.5; with zero bias, Adam needs thousands of steps to move it.
-LESION_PRIOR = 0.01
-PRIOR_BIAS = nn.initializers.constant(math.log(LESION_PRIOR / (1 - LESION_PRIOR)))
-
-
-def _conv(features: int, kernel: int, dtype, param_dtype, name: str, transpose: bool = False,
-          bias_init=nn.initializers.zeros) -> nn.Module:
+def _conv(features: int, kernel: int, dtype, param_dtype, name: str, transpose: bool = False) -> nn.Module:
   cls = nn.ConvTranspose if transpose else nn.Conv
   stride = dict(strides=(kernel, kernel)) if transpose else {}
   return cls(features, (kernel, kernel), padding="VALID" if transpose else "SAME", dtype=dtype,
              param_dtype=param_dtype, name=name, **stride,
              kernel_init=vit.partitioned(nn.initializers.he_normal(), (None, None, "conv_in", "conv_out")),
-             bias_init=vit.partitioned(bias_init, ("conv_out",)))
+             bias_init=vit.partitioned(nn.initializers.zeros, ("conv_out",)))
 
 
 class ConvBlock(nn.Module):
@@ -164,7 +157,7 @@ class UNETRHead(nn.Module):
       x = _conv(self.channels(level), 2, self.dtype, self.param_dtype, f"up_{level}", transpose=True)(x)
       x = ConvBlock(self.channels(level), **kw, name=f"decode_{level}")(
           jnp.concatenate([x, skips[level]], -1))
-    logits = _conv(self.out_depth, 1, self.dtype, self.param_dtype, "logits", bias_init=PRIOR_BIAS)(x)
+    logits = _conv(self.out_depth, 1, self.dtype, self.param_dtype, "logits")(x)
     return logits.astype(jnp.float32)
 
 
@@ -179,10 +172,8 @@ class LinearHead(nn.Module):
   def __call__(self, encoded: dict[str, Any], images: jax.Array) -> jax.Array:
     grid = vit.patch_grid(images.shape[1:3], self.patch_size)
     x = jnp.concatenate([encoded[n]["tokens"] for n in encoder_names(encoded)], axis=-1)
-    x = nn.Dense(math.prod(self.patch_size) * self.out_depth, dtype=self.dtype, param_dtype=self.param_dtype,
-                 name="pred",
-                 kernel_init=vit.partitioned(nn.initializers.xavier_uniform(), ("embed", "patch")),
-                 bias_init=vit.partitioned(PRIOR_BIAS, ("patch",)))(x)
+    x = vit.dense(math.prod(self.patch_size) * self.out_depth, ("embed", "patch"), self.dtype,
+                  self.param_dtype, "pred")(x)
     return vit.unpatchify(x, self.patch_size, grid).astype(jnp.float32)
 
 
