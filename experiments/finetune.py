@@ -63,7 +63,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.depth = sizes["depth"]
 
   c.model = fratmae.default_config(args.variant, args.method)
-  c.head = ml_collections.ConfigDict(dict(kind=args.head, features=sizes["features"],
+  # prior: lesion probability of the untrained head (final bias = logit(prior), RetinaNet-style); 0.5 = zero
+  # bias. From 0.5, short CPU runs label large background regions as lesion (Adam moves the bias ~lr per step).
+  c.head = ml_collections.ConfigDict(dict(kind=args.head, features=sizes["features"], prior=0.01,
                                           layers=ml_collections.config_dict.placeholder(tuple)))
   c.staging = ml_collections.ConfigDict(dict(classes="ann_arbor", aggregation="mean", hidden=0,
                                              max_slabs=sizes["max_slabs"]))

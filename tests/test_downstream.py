@@ -32,7 +32,7 @@ SPACING = 3.0
 OVERRIDES = {"model.patch_size": (4, 4), "model.width": 32, "model.depth": 2, "model.num_heads": 4,
              "model.mlp_dim": 64, "data.plane_size": (16, 8), "data.depth": 2, "head.features": 4,
              "batch_size": 8, "total_steps": 80, "foreground_fraction": 0.2, "optim.warmup_steps": 2,
-             "optim.lr": 3e-3,
+             "optim.lr": 3e-3, "head.prior": 0.5,
              "checkpoint.every_steps": 40, "log_every_steps": 10, "eval.batch_size": 16,
              "staging.max_slabs": 4}
 

@@ -25,7 +25,7 @@ and a head together; `freeze_backbone` stops gradients at the encoder outputs (l
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -61,13 +61,22 @@ def slab_features(encoded: dict[str, Any]) -> jax.Array:
   return jnp.concatenate([jnp.mean(encoded[n]["tokens"], axis=1) for n in encoder_names(encoded)], axis=-1)
 
 
-def _conv(features: int, kernel: int, dtype, param_dtype, name: str, transpose: bool = False) -> nn.Module:
+def prior_bias(prior: float) -> Callable:
+  """Initialiser of a final logit bias: logit(prior), so an untrained head predicts p = prior everywhere
+  (RetinaNet-style; 0.5 = zero bias)."""
+  if not 0.0 < prior < 1.0:
+    raise UserError(f"config.head.prior: must be in (0, 1), got {prior}")
+  return nn.initializers.constant(math.log(prior / (1.0 - prior)))
+
+
+def _conv(features: int, kernel: int, dtype, param_dtype, name: str, transpose: bool = False,
+          bias_init: Callable = nn.initializers.zeros) -> nn.Module:
   cls = nn.ConvTranspose if transpose else nn.Conv
   stride = dict(strides=(kernel, kernel)) if transpose else {}
   return cls(features, (kernel, kernel), padding="VALID" if transpose else "SAME", dtype=dtype,
              param_dtype=param_dtype, name=name, **stride,
              kernel_init=vit.partitioned(nn.initializers.he_normal(), (None, None, "conv_in", "conv_out")),
-             bias_init=vit.partitioned(nn.initializers.zeros, ("conv_out",)))
+             bias_init=vit.partitioned(bias_init, ("conv_out",)))
 
 
 class ConvBlock(nn.Module):
@@ -125,6 +134,7 @@ class UNETRHead(nn.Module):
   encoder_depth: int
   features: int = 16
   layers: tuple[int, ...] | None = None
+  prior: float = 0.5                # lesion probability of the untrained head (final bias = logit(prior))
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -157,7 +167,8 @@ class UNETRHead(nn.Module):
       x = _conv(self.channels(level), 2, self.dtype, self.param_dtype, f"up_{level}", transpose=True)(x)
       x = ConvBlock(self.channels(level), **kw, name=f"decode_{level}")(
           jnp.concatenate([x, skips[level]], -1))
-    logits = _conv(self.out_depth, 1, self.dtype, self.param_dtype, "logits")(x)
+    logits = _conv(self.out_depth, 1, self.dtype, self.param_dtype, "logits",
+                   bias_init=prior_bias(self.prior))(x)
     return logits.astype(jnp.float32)
 
 
@@ -165,6 +176,7 @@ class LinearHead(nn.Module):
   """SETR-naive head: concatenated final tokens → Dense(p·p·D) → unpatchify. → logits (B, H, W, D) float32."""
   patch_size: tuple[int, int]
   out_depth: int
+  prior: float = 0.5
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -172,8 +184,9 @@ class LinearHead(nn.Module):
   def __call__(self, encoded: dict[str, Any], images: jax.Array) -> jax.Array:
     grid = vit.patch_grid(images.shape[1:3], self.patch_size)
     x = jnp.concatenate([encoded[n]["tokens"] for n in encoder_names(encoded)], axis=-1)
-    x = vit.dense(math.prod(self.patch_size) * self.out_depth, ("embed", "patch"), self.dtype,
-                  self.param_dtype, "pred")(x)
+    x = nn.Dense(math.prod(self.patch_size) * self.out_depth, dtype=self.dtype, param_dtype=self.param_dtype,
+                 name="pred", kernel_init=vit.partitioned(nn.initializers.xavier_uniform(), ("embed", "patch")),
+                 bias_init=vit.partitioned(prior_bias(self.prior), ("patch",)))(x)
     return vit.unpatchify(x, self.patch_size, grid).astype(jnp.float32)
 
 
@@ -224,6 +237,7 @@ class LesionSegmenter(nn.Module):
   features: int = 16
   layers: tuple[int, ...] | None = None
   freeze_backbone: bool = False
+  prior: float = 0.5
 
   @nn.compact
   def __call__(self, pet: jax.Array, ct: jax.Array) -> jax.Array:
@@ -231,9 +245,9 @@ class LesionSegmenter(nn.Module):
     kw = dict(dtype=self.backbone.dtype, param_dtype=self.backbone.param_dtype, name="head")
     patch, depth = tuple(self.backbone.patch_size), pet.shape[-1]
     if self.head == "unetr":
-      head = UNETRHead(patch, depth, self.backbone.depth, self.features, self.layers, **kw)
+      head = UNETRHead(patch, depth, self.backbone.depth, self.features, self.layers, self.prior, **kw)
     elif self.head == "linear":
-      head = LinearHead(patch, depth, **kw)
+      head = LinearHead(patch, depth, self.prior, **kw)
     else:
       raise UserError(f"segmentation head {self.head!r} is not one of {list(SEG_HEADS)}")
     return head(encoded, jnp.concatenate([pet, ct], axis=-1))

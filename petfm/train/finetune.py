@@ -115,7 +115,8 @@ def make_model(config: ml_collections.ConfigDict) -> nn.Module:
   frozen = config.protocol == "linear"
   if config.task == "lesions":
     layers = None if config.head.layers is None else tuple(config.head.layers)
-    return heads.LesionSegmenter(backbone, config.head.kind, config.head.features, layers, frozen)
+    return heads.LesionSegmenter(backbone, config.head.kind, config.head.features, layers, frozen,
+                                 config.head.prior)
   return heads.Stager(backbone, ddata.NUM_STAGE_CLASSES[config.staging.classes], config.staging.aggregation,
                       config.staging.hidden, frozen)
 
