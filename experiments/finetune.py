@@ -64,7 +64,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.model = fratmae.default_config(args.variant, args.method)
   # prior: lesion probability of the untrained head (final bias = logit(prior), RetinaNet-style); 0.5 = zero
-  # bias. From 0.5, short CPU runs label large background regions as lesion (Adam moves the bias ~lr per step).
+  # bias. From 0.5, short CPU runs label large background regions as lesion (Adam moves the bias ~lr/step).
   c.head = ml_collections.ConfigDict(dict(kind=args.head, features=sizes["features"], prior=0.01,
                                           layers=ml_collections.config_dict.placeholder(tuple)))
   c.staging = ml_collections.ConfigDict(dict(classes="ann_arbor", aggregation="mean", hidden=0,

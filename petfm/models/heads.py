@@ -185,7 +185,8 @@ class LinearHead(nn.Module):
     grid = vit.patch_grid(images.shape[1:3], self.patch_size)
     x = jnp.concatenate([encoded[n]["tokens"] for n in encoder_names(encoded)], axis=-1)
     x = nn.Dense(math.prod(self.patch_size) * self.out_depth, dtype=self.dtype, param_dtype=self.param_dtype,
-                 name="pred", kernel_init=vit.partitioned(nn.initializers.xavier_uniform(), ("embed", "patch")),
+                 name="pred",
+                 kernel_init=vit.partitioned(nn.initializers.xavier_uniform(), ("embed", "patch")),
                  bias_init=vit.partitioned(prior_bias(self.prior), ("patch",)))(x)
     return vit.unpatchify(x, self.patch_size, grid).astype(jnp.float32)
 
