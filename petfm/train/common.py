@@ -287,6 +287,86 @@ def check_finite(metrics: Mapping[str, float], step: int, last_good_step: int | 
                     "(try a lower config.optim.lr or config.optim.grad_clip)")
 
 
+# ------------------------------------------------------------------------------ set-up and loop of a trainer
+
+
+def jit_training(init_state: Callable, train_step: Callable, mesh: Mesh, rules,
+                 *abstract_init_args: Any) -> tuple[Any, Any, Callable, Callable]:
+  """Shardings and jitted functions of a trainer.
+
+  `init_state(rng, *args)` → boxed state pytree (logical axis names); `train_step(state, batch)` → (state,
+  scalar metrics); `abstract_init_args`: shapes of the extra init arguments. Returns (abstract state, state
+  shardings, init(rng, *args) → state created sharded, step(state, global batch) → (state, replicated
+  metrics), donating the state).
+  """
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    boxed = jax.eval_shape(init_state, jax.random.key(0), *abstract_init_args)
+    shardings = shardings_for(boxed, mesh, rules)
+    init = jax.jit(lambda rng, *args: nn.unbox(init_state(rng, *args)), out_shardings=shardings)
+    step = jax.jit(train_step, in_shardings=(shardings, batch_sharding(mesh)),
+                   out_shardings=(shardings, replicated(mesh)), donate_argnums=0)
+  return nn.unbox(boxed), shardings, init, step
+
+
+def restore_or_init(ckpt: Checkpointer, logger: MetricsLogger, abstract_state: Any, shardings: Any,
+                    init: Callable[[], Any], data_iter: Any | None = None) -> tuple[Any, int]:
+  """(state, start step): the latest checkpoint of `ckpt` restored onto `shardings` (with the data iterator's
+  position), or `init()` at step 0. Call it under the trainer's mesh and axis rules."""
+  start_step = ckpt.latest_step() or 0
+  if start_step:
+    logger.message(f"resuming from the checkpoint at step {start_step} in {ckpt.directory}")
+    state = ckpt.restore(start_step, abstract_with_shardings(abstract_state, shardings), data_iter)
+  else:
+    state = init()
+  logger.advance(start_step)
+  return state, start_step
+
+
+class StepBookkeeper:
+  """What a training loop does after each step: log every `log_every` steps and at checkpoints (examples/s,
+  s/step, and TFLOP/s and MFU once `flops_per_step` is set), stop with one clear error line on non-finite
+  metrics, checkpoint when due and at the last step. `last_metrics`: the metrics logged last."""
+
+  def __init__(self, ckpt: Checkpointer, logger: MetricsLogger, total_steps: int, log_every: int,
+               batch_size: int, start_step: int, peak_flops: float = 0.0):
+    self.ckpt, self.logger = ckpt, logger
+    self.total_steps, self.log_every, self.batch_size = total_steps, log_every, batch_size
+    self.peak_flops = peak_flops            # of the whole mesh, FLOP/s
+    self.flops_per_step = 0.0               # of the whole mesh; set it once the step is compiled
+    self.last_good = start_step or None
+    self.last_metrics: dict[str, float] = {}
+    self.restart_clock()
+
+  def restart_clock(self) -> None:
+    """Throughput counts from now (e.g. after compiling the step)."""
+    self.t_last, self.steps_since = time.perf_counter(), 0
+
+  def after_step(self, done: int, state: Any, metrics: Mapping[str, jax.Array],
+                 data_iter: Any | None = None) -> None:
+    """`done`: steps finished, including this one."""
+    self.steps_since += 1
+    save_now = self.ckpt.should_save(done) or done == self.total_steps
+    if done % self.log_every == 0 or save_now:
+      host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      check_finite(host, done, self.last_good)
+      elapsed = time.perf_counter() - self.t_last
+      host["examples_per_s"] = self.steps_since * self.batch_size / elapsed
+      host["s_per_step"] = elapsed / self.steps_since
+      if self.flops_per_step:
+        host["tflops_per_s"] = self.steps_since * self.flops_per_step / elapsed / 1e12
+        host["mfu"] = self.steps_since * self.flops_per_step / elapsed / self.peak_flops
+      self.logger.write(done, host, advance=self.steps_since)
+      self.last_metrics = host
+      self.restart_clock()
+    if save_now:
+      self.ckpt.save(done, state, data_iter, force=True)
+      self.last_good = done
+
+  def close(self) -> None:
+    self.ckpt.close()
+    self.logger.close()
+
+
 # -------------------------------------------------------------------------------------------- FLOPs, MFU
 
 

@@ -230,14 +230,8 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, example: dict[str, np.n
     out = model.apply({"params": params}, *inputs)
     return jax.nn.sigmoid(out) if config.task == "lesions" else jax.nn.softmax(out[0], axis=-1)
 
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    boxed = jax.eval_shape(lambda rng: init_state(rng, None), jax.random.key(0))
-    shardings = common.shardings_for(boxed, mesh, rules)
-    init = jax.jit(lambda rng, enc: nn.unbox(init_state(rng, enc)), out_shardings=shardings)
-    step = jax.jit(train_step, in_shardings=(shardings, common.batch_sharding(mesh)),
-                   out_shardings=(shardings, common.replicated(mesh)), donate_argnums=0)
-    predict_jit = jax.jit(predict)
-  return Setup(model, mesh, rules, schedule, nn.unbox(boxed), shardings, init, step, predict_jit)
+  return Setup(model, mesh, rules, schedule, *common.jit_training(init_state, train_step, mesh, rules, None),
+               jax.jit(predict))
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -317,35 +311,20 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   # ------------------------------------------------------------------ checkpoint: resume or init
   ckpt = common.Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint.every_steps,
                              config.checkpoint.keep, config.checkpoint.async_save)
-  start_step = ckpt.latest_step() or 0
-  logger = common.MetricsLogger(workdir, config.total_steps, start_step)
+  logger = common.MetricsLogger(workdir, config.total_steps)
   with jax.set_mesh(mesh), nn.logical_axis_rules(setup.rules):
-    if start_step:
-      logger.message(f"resuming from the checkpoint at step {start_step} in {ckpt.directory}")
-      state = ckpt.restore(start_step,
-                           common.abstract_with_shardings(setup.abstract_state, setup.state_shardings))
-    else:
-      state = setup.init(jax.random.key(config.seed), pretrained)
+    state, start_step = common.restore_or_init(
+        ckpt, logger, setup.abstract_state, setup.state_shardings,
+        lambda: setup.init(jax.random.key(config.seed), pretrained))
 
   # ------------------------------------------------------------------ loop
-  last_good = start_step or None
+  book = common.StepBookkeeper(ckpt, logger, config.total_steps, config.log_every_steps, config.batch_size,
+                               start_step)
   with jax.set_mesh(mesh), nn.logical_axis_rules(setup.rules):
-    steps_since = 0
     for step in range(start_step, config.total_steps):
       state, metrics = setup.step(state, common.global_batch(batches(step), mesh))
-      steps_since += 1
-      done = step + 1
-      save_now = ckpt.should_save(done) or done == config.total_steps
-      if done % config.log_every_steps == 0 or save_now:
-        host = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        common.check_finite(host, done, last_good)
-        logger.write(done, host, advance=steps_since)
-        steps_since = 0
-      if save_now:
-        ckpt.save(done, state, force=True)
-        last_good = done
-  ckpt.close()
-  logger.close()
+      book.after_step(step + 1, state, metrics)
+  book.close()
 
   # ------------------------------------------------------------------ evaluation
   results = evaluate(config, setup, state["params"])

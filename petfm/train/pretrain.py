@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -98,13 +97,7 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, example: dict[str, np.n
                    lr=schedule(state["step"]))
     return {**state, "step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    boxed = jax.eval_shape(init_state, jax.random.key(0))
-    shardings = common.shardings_for(boxed, mesh, rules)
-    init = jax.jit(lambda rng: nn.unbox(init_state(rng)), out_shardings=shardings)
-    step = jax.jit(train_step, in_shardings=(shardings, common.batch_sharding(mesh)),
-                   out_shardings=(shardings, common.replicated(mesh)), donate_argnums=0)
-  return Setup(model, mesh, rules, schedule, nn.unbox(boxed), shardings, init, step)
+  return Setup(model, mesh, rules, schedule, *common.jit_training(init_state, train_step, mesh, rules))
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -138,56 +131,32 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   ckpt = common.Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint.every_steps,
                              config.checkpoint.keep, config.checkpoint.async_save)
   logger = common.MetricsLogger(workdir, config.total_steps)
-  start_step = ckpt.latest_step() or 0
   with jax.set_mesh(mesh), nn.logical_axis_rules(setup.rules):
-    if start_step:
-      logger.message(f"resuming from the checkpoint at step {start_step} in {ckpt.directory}")
-      state = ckpt.restore(start_step,
-                           common.abstract_with_shardings(setup.abstract_state, setup.state_shardings),
-                           train_iter)
-    else:
-      state = setup.init(jax.random.key(config.seed))
-  logger.advance(start_step)
+    state, start_step = common.restore_or_init(ckpt, logger, setup.abstract_state, setup.state_shardings,
+                                               lambda: setup.init(jax.random.key(config.seed)), train_iter)
 
   # ------------------------------------------------------------------ loop
   peak, peak_source = common.device_peak_flops()
-  flops_per_step = None
-  last_metrics: dict[str, float] = {}
-  last_good = start_step or None
-  visual_batch = None
+  book = common.StepBookkeeper(ckpt, logger, config.total_steps, config.log_every_steps, config.batch_size,
+                               start_step, peak * mesh.size)
+  compiled = visual_batch = None
   with jax.set_mesh(mesh), nn.logical_axis_rules(setup.rules):
-    t_last, steps_since = time.perf_counter(), 0
     for step in range(start_step, config.total_steps):
       batch = common.global_batch(model_batch(next(train_iter), prompt_tokens), mesh)
-      if flops_per_step is None:
+      if compiled is None:
         compiled = setup.step.lower(state, batch).compile()
-        flops_per_step = common.compiled_flops_per_device(compiled) * mesh.size
-        logger.message(f"{mesh.size} device(s) {dict(mesh.shape)}; {flops_per_step / 1e9:.3g} GFLOP per "
-                       f"step; peak {peak / 1e12:.3g} TFLOP/s per device ({peak_source})")
+        book.flops_per_step = common.compiled_flops_per_device(compiled) * mesh.size
+        logger.message(f"{mesh.size} device(s) {dict(mesh.shape)}; {book.flops_per_step / 1e9:.3g} GFLOP "
+                       f"per step; peak {peak / 1e12:.3g} TFLOP/s per device ({peak_source})")
         visual_batch = batch
-        t_last = time.perf_counter()
+        book.restart_clock()
       state, metrics = compiled(state, batch)
-      steps_since += 1
       done = step + 1
-      save_now = ckpt.should_save(done) or done == config.total_steps
-      if done % config.log_every_steps == 0 or save_now:
-        host = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        common.check_finite(host, done, last_good)
-        elapsed = time.perf_counter() - t_last
-        host["examples_per_s"] = steps_since * config.batch_size / elapsed
-        host["tflops_per_s"] = steps_since * flops_per_step / elapsed / 1e12
-        host["mfu"] = steps_since * flops_per_step / elapsed / (peak * mesh.size)
-        logger.write(done, host, advance=steps_since)
-        last_metrics, steps_since = host, 0
-        t_last = time.perf_counter()
-      if save_now:
-        ckpt.save(done, state, train_iter, force=True)
-        last_good = done
+      book.after_step(done, state, metrics, train_iter)
       if config.image_every_steps and (done % config.image_every_steps == 0 or done == config.total_steps):
         save_reconstruction_png(setup.model, state["params"], visual_batch, done, workdir, logger)
-  ckpt.close()
-  logger.close()
-  return last_metrics
+  book.close()
+  return book.last_metrics
 
 
 def save_reconstruction_png(model, params, batch, step: int, workdir: str, logger) -> str:

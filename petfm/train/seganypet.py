@@ -35,7 +35,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -235,15 +234,10 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, spec: promptable.ModelS
     metrics.update(grad_norm=optax.tree.norm(grads), lr=schedule(state["step"]))
     return {**state, "step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    abstract_pretrained = None if pretrained is None else jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.float32), pretrained)
-    boxed = jax.eval_shape(init_state, jax.random.key(0), abstract_pretrained)
-    shardings = common.shardings_for(boxed, mesh, rules)
-    init = jax.jit(lambda rng, pre: nn.unbox(init_state(rng, pre)), out_shardings=shardings)
-    step = jax.jit(train_step, in_shardings=(shardings, common.batch_sharding(mesh)),
-                   out_shardings=(shardings, common.replicated(mesh)), donate_argnums=0)
-  return Setup(spec, model, mesh, rules, nn.unbox(boxed), shardings, init, step)
+  abstract_pretrained = None if pretrained is None else jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.float32), pretrained)
+  return Setup(spec, model, mesh, rules,
+               *common.jit_training(init_state, train_step, mesh, rules, abstract_pretrained))
 
 
 # --------------------------------------------------------------------------------------------------- train
@@ -278,48 +272,26 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   ckpt = common.Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint.every_steps,
                              config.checkpoint.keep, config.checkpoint.async_save)
   logger = common.MetricsLogger(workdir, config.total_steps)
-  start_step = ckpt.latest_step() or 0
   with jax.set_mesh(mesh), nn.logical_axis_rules(setup.rules):
-    if start_step:
-      logger.message(f"resuming from the checkpoint at step {start_step} in {ckpt.directory}")
-      state = ckpt.restore(start_step,
-                           common.abstract_with_shardings(setup.abstract_state, setup.state_shardings),
-                           train_iter)
-    else:
-      state = setup.init(jax.random.key(config.seed), pretrained)
-  logger.advance(start_step)
+    state, start_step = common.restore_or_init(
+        ckpt, logger, setup.abstract_state, setup.state_shardings,
+        lambda: setup.init(jax.random.key(config.seed), pretrained), train_iter)
 
   # ------------------------------------------------------------------ loop
-  last_metrics: dict[str, float] = {}
-  last_good = start_step or None
+  book = common.StepBookkeeper(ckpt, logger, config.total_steps, config.log_every_steps, config.batch_size,
+                               start_step)
   compiled = None
   with jax.set_mesh(mesh), nn.logical_axis_rules(setup.rules):
-    t_last, steps_since = time.perf_counter(), 0
     for step in range(start_step, config.total_steps):
       raw = next(train_iter)
       batch = common.global_batch({k: raw[k] for k in ("image", "mask", "voxel_valid")}, mesh)
       if compiled is None:
         compiled = setup.step.lower(state, batch).compile()
-        t_last = time.perf_counter()
+        book.restart_clock()
       state, metrics = compiled(state, batch)
-      steps_since += 1
-      done = step + 1
-      save_now = ckpt.should_save(done) or done == config.total_steps
-      if done % config.log_every_steps == 0 or save_now:
-        host = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        common.check_finite(host, done, last_good)
-        elapsed = time.perf_counter() - t_last
-        host["examples_per_s"] = steps_since * config.batch_size / elapsed
-        host["s_per_step"] = elapsed / steps_since
-        logger.write(done, host, advance=steps_since)
-        last_metrics, steps_since = host, 0
-        t_last = time.perf_counter()
-      if save_now:
-        ckpt.save(done, state, train_iter, force=True)
-        last_good = done
-  ckpt.close()
-  logger.close()
-  return last_metrics
+      book.after_step(step + 1, state, metrics, train_iter)
+  book.close()
+  return book.last_metrics
 
 
 def main(argv: list[str]) -> int:
