@@ -11,11 +11,11 @@ uses `protocol=scratch`. Columns: lesion Dice, FPV, FNV (test split, whole volum
 macro AUC, each at 10 % and 100 % of the training patients; mean ± std over the fine-tuning seeds (which also
 draw the labelled-patient subset).
 
-Sizes (`full`, ≈ 1 h on a 2-core CPU, see the report for the measured figures): 5 pretraining runs of 150
-steps (batch 8, 64 × 64 × 4 slabs, ViT tiny width 64 depth 4, patch 8), 72 fine-tuning runs (6 rows ×
-2 fractions × 3 seeds × 2 tasks): lesions 60 steps of batch 8 (evaluated on 2 test studies), staging 30 steps
-of batch 8 studies × 4 slabs. `reduced` (the end-to-end check): 1 seed, 20 pretraining / 15 lesion / 6
-staging steps.
+Sizes (`full`, ≈ 45 min on an idle 2-core CPU, see the README): 5 pretraining runs of 300 steps (batch 8,
+64 × 64 × 4 slabs, ViT tiny width 64 depth 4, patch 8), 72 fine-tuning runs (6 rows × 2 fractions × 3 seeds ×
+2 tasks): lesions 200 steps of batch 8 (evaluated on all test studies, whole volumes), staging 30 steps of batch
+8 studies × 4 slabs (evaluated on all test studies). `reduced` (the end-to-end check): 1 seed, 20 pretraining /
+15 lesion / 6 staging steps.
 A missing `--data_dir` is generated: `data_prep.synthetic` (40 patients) converted at 4 mm.
 """
 
@@ -30,8 +30,10 @@ ROWS = (("from scratch", "scratch", "fratmae", "coronal"), ("MAE", "pretrained",
         ("FratMAE", "pretrained", "fratmae", "coronal"), ("FratMAE axial", "pretrained", "fratmae", "axial"))
 
 SIZES = {
-    "full": dict(seeds=(0, 1, 2), pretrain_steps=150, lesion_steps=60, staging_steps=30, cohort=40),
-    "reduced": dict(seeds=(0,), pretrain_steps=20, lesion_steps=15, staging_steps=6, cohort=12),
+    "full": dict(seeds=(0, 1, 2), pretrain_steps=300, lesion_steps=200, staging_steps=30, cohort=40,
+                 lesion_eval_studies=0),
+    "reduced": dict(seeds=(0,), pretrain_steps=20, lesion_steps=15, staging_steps=6, cohort=12,
+                    lesion_eval_studies=2),
 }
 
 
@@ -52,7 +54,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                 ("checkpoint.every_steps", max(10, s["pretrain_steps"] // 2)), ("image_every_steps", 0),
                 ("optim.warmup_steps", min(10, s["pretrain_steps"] // 2)))
   c.lesions = (("total_steps", s["lesion_steps"]), ("batch_size", 8), ("eval.overlap", 0.25),
-               ("eval.max_studies", 2),
+               ("eval.max_studies", s["lesion_eval_studies"]),
                ("optim.warmup_steps", min(5, s["lesion_steps"] // 2)), ("checkpoint.every_steps", 30))
   c.staging = (("total_steps", s["staging_steps"]), ("batch_size", 8), ("staging.max_slabs", 4),
                ("optim.warmup_steps", min(5, s["staging_steps"] // 2)), ("checkpoint.every_steps", 30))
