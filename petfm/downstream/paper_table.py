@@ -73,9 +73,6 @@ def finetune_run(table: Any, task: str, protocol: str, method: str, view: str, f
 def run_table(table: Any, data_dir: str, workdir: str) -> dict[str, Any]:
   """Runs (or resumes) every run of the table; returns {row: {f"{task}/{metric}@{fraction}": [per seed]}}."""
   ensure_cohort(data_dir, table.cohort_patients)
-  # Runs of one row share their programs: the persistent compilation cache skips recompiling them.
-  jax.config.update("jax_compilation_cache_dir", os.path.abspath(os.path.join(workdir, ".jax_cache")))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
   results: dict[str, dict[str, list[float]]] = {}
   start = time.perf_counter()
   for name, kind, method, view in table.rows:
@@ -154,6 +151,9 @@ def cli(argv: list[str]) -> int:
   parser.add_argument("--size", default="full", choices=("full", "reduced"))
   args = parser.parse_args(argv)
   table = config_lib.load_module(os.path.join(REPO, "experiments", "paper_table.py")).get_config(args.size)
+  # Runs of one row share their programs: the persistent compilation cache skips recompiling them.
+  jax.config.update("jax_compilation_cache_dir", os.path.abspath(os.path.join(args.workdir, ".jax_cache")))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
   try:
     run_table(table, args.data_dir, args.workdir)
   except UserError as e:
