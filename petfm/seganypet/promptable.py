@@ -122,6 +122,7 @@ class ClickModel:
   def __init__(self, spec: ModelSpec, variables: Any):
     self.spec, self.variables = spec, variables
     self.model = build_model(spec)
+    self._prompt_variables, self._image_pe = segmenter.decode_inputs(self.model, variables)
 
   @classmethod
   def load(cls, directory: str) -> ClickModel:
@@ -152,8 +153,8 @@ class ClickModel:
     mask = jnp.zeros((m, m, m)) if mask_input is None else mask_input
     points, labels = segmenter.pad_points(np.asarray(points, np.float32)[None],
                                           np.asarray(labels, np.int32)[None])
-    logits, _ = _prompt_and_decode(self.model, self.variables, embedding[None], jnp.asarray(points),
-                                   jnp.asarray(labels), mask[None])
+    logits, _ = _prompt_and_decode(self.model, self._prompt_variables, embedding[None], jnp.asarray(points),
+                                   jnp.asarray(labels), mask[None], self._image_pe)
     return logits[0]
 
   def upsample(self, logits: jax.Array) -> np.ndarray:
