@@ -1,4 +1,4 @@
-"""NIfTI PET/CT studies → ArrayRecord shards and `manifest.json` (`petfm prepare`).
+"""NIfTI or DICOM PET/CT studies → ArrayRecord shards and `manifest.json` (`petfm prepare`).
 
   python -m data_prep.convert --input DIR --output DIR [--config data_prep/configs/convert.py[:ARG]]
       [--config.FIELD=VALUE ...] [--workers N]
@@ -11,6 +11,10 @@ Input layouts (auto-detected, or `--config.layout=...`):
            `labelsTr/<case>.nii.gz`; tracer and patient from `fdg_<patient>_...` / `psma_<patient>_...`.
   hecktor  HECKTOR: `imagesTr/<Center>-<ID>__CT.nii.gz`, `__PT.nii.gz` (SUV), `labelsTr/<Center>-<ID>.nii.gz`
            (1 GTVp, 2 GTVn), or one folder per patient holding the three files; CT and PET on different grids.
+  dicom    DICOM files anywhere below the input (any folder structure, any file names): each attenuation-
+           corrected PET series with the CT series of its study (`petfm.data.dicom.find_pet_ct`), SUV computed
+           from the PET headers; optional lesion mask `label.nii.gz` in the study's folder. Study id = that
+           folder (plus the PET SeriesInstanceUID when the folder holds several PET series).
 
 Per study: every volume is reoriented to RAS+ from its affine, checked to overlap the PET in world space, and
 resampled straight from its own grid onto the stored grid, which is the PET field of view at the configured
@@ -31,6 +35,7 @@ exit status is 1.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import csv
 import dataclasses
@@ -55,13 +60,13 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from petfm.config import check, check_choice, parse_command_line
-from petfm.data import geometry, records
+from petfm.data import dicom, geometry, records
 from petfm.data.nifti import load_image
 from petfm.data.text import make_prompt
 from petfm.errors import UserError
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "convert.py")
-LAYOUTS = ("autopet", "nnunet", "hecktor")
+LAYOUTS = ("autopet", "nnunet", "hecktor", "dicom")
 SPLITS = ("train", "val", "test")
 STAGING = ".staging"
 CT_FILL_HU = -1024
@@ -71,6 +76,7 @@ _LAYOUT_HINTS = {
     "autopet": "<patient>/<study>/ with CTres.nii.gz, SUV.nii.gz, SEG.nii.gz",
     "nnunet": "imagesTr/<case>_0000.nii.gz (CT) and <case>_0001.nii.gz (PET) with labelsTr/<case>.nii.gz",
     "hecktor": "<Center>-<ID>__CT.nii.gz and <Center>-<ID>__PT.nii.gz with <Center>-<ID>.nii.gz labels",
+    "dicom": "DICOM files of a PET series and a CT series per study",
 }
 
 
@@ -87,13 +93,15 @@ class Study:
   organs: str = ""  # organ label map, '' when the layout has none
   meta_json: str = ""  # per-study metadata file, '' when absent
   tracer: str = "unknown"  # what the layout implies about the tracer
+  pet_files: tuple[str, ...] = ()  # dicom layout: the slices of the PET series (`pet` is their folder)
+  ct_files: tuple[str, ...] = ()  # dicom layout: the slices of the CT series
 
 
 def find_studies(input_dir: str, layout: str = "auto") -> tuple[str, list[Study]]:
   """Finds the studies under `input_dir` in `layout` (or the layout present); returns (layout, studies)."""
   if not os.path.isdir(input_dir):
     raise UserError(f"--input {input_dir}: no such folder")
-  finders = {"autopet": _find_autopet, "nnunet": _find_nnunet, "hecktor": _find_hecktor}
+  finders = {"autopet": _find_autopet, "nnunet": _find_nnunet, "hecktor": _find_hecktor, "dicom": _find_dicom}
   if layout != "auto":
     studies = finders[layout](input_dir)
     if not studies:
@@ -171,6 +179,25 @@ def _find_hecktor(root: str) -> list[Study]:
       raise UserError(f"--input {root}: case {study.study_id} appears in both {seen[study.study_id]} and "
                       f"{os.path.dirname(study.pet)}; point --input at one of them")
     seen[study.study_id] = os.path.dirname(study.pet)
+  return studies
+
+
+def _find_dicom(root: str) -> list[Study]:
+  found = dicom.find_pet_ct(root)
+  per_folder = collections.Counter(study.folder for study in found)
+  studies = []
+  for study in found:
+    study_id = os.path.relpath(study.folder, root)
+    study_id = os.path.basename(os.path.abspath(root)) if study_id == "." else study_id.replace(os.sep, "/")
+    label = os.path.join(study.folder, "label.nii.gz")
+    if per_folder[study.folder] > 1:
+      study_id += f"/{study.pet_series}"
+      label = ""
+    studies.append(Study(
+        study_id=study_id, patient_id=study.patient_id or study_id.split("/")[0], source="dicom",
+        ct=os.path.dirname(study.ct[0]) if study.ct else "", pet=os.path.dirname(study.pet[0]),
+        label=label if os.path.isfile(label) else "", tracer=study.tracer, pet_files=study.pet,
+        ct_files=study.ct))
   return studies
 
 
@@ -348,6 +375,7 @@ def _job_key(job: Job, config: ml_collections.ConfigDict) -> str:
   settings = {k: v for k, v in config.to_dict().items() if k != "records_per_shard"}
   payload = json.dumps({
       "study": study, "files": files, "config": settings,
+      "dicom": [_file_stamp(path) for path in job.study.pet_files + job.study.ct_files],
       "version": [records.FORMAT_VERSION, CONVERTER_VERSION],
       "job": [job.tracer, job.age, job.sex, job.diagnosis, job.stage, job.split, job.text],
       "embedding": hashlib.sha256(job.text_embedding.tobytes()).hexdigest()}, sort_keys=True, default=str)
@@ -369,16 +397,16 @@ def convert_study(job: Job, config: ml_collections.ConfigDict) -> dict[str, Any]
   Raises `UserError` (one line naming the study, file and problem) for bad input.
   """
   study = job.study
-  pet_image = load_image(study.pet, "PET", study.study_id)
+  pet_image = _read_image(study, "PET", config)
   pet, pet_affine = geometry.to_canonical(pet_image)
   reference = (pet_affine, pet.shape)
   grid = geometry.grid_at_spacing(pet_affine, pet.shape, config.spacing)
   suv = geometry.resample(pet.astype(np.float32, copy=False), pet_affine, *grid, order=1, cval=0.0)
-  ct_image = load_image(study.ct, "CT", study.study_id)
+  ct_image = _read_image(study, "CT", config)
   ct = _onto_grid(ct_image, study, "CT", reference, grid, config, order=1, cval=CT_FILL_HU)
   ct = np.clip(np.rint(ct), np.iinfo(np.int16).min, np.iinfo(np.int16).max).astype(np.int16)
   label = np.zeros(grid[1], np.uint8)
-  if os.path.exists(study.label) or config.require_label:
+  if study.label and (os.path.exists(study.label) or config.require_label):  # '' = none in this layout
     label_image = _as_labels(load_image(study.label, "label", study.study_id), _where(study, "label"))
     if not np.any(label_image.dataobj) and not config.allow_empty_label:
       raise UserError(
@@ -403,6 +431,21 @@ def convert_study(job: Job, config: ml_collections.ConfigDict) -> dict[str, Any]
       "tracer": job.tracer, "age": job.age, "sex": job.sex, "diagnosis": job.diagnosis, "stage": job.stage,
       "text": job.text, "text_embedding": job.text_embedding,
   }
+
+
+def _read_image(study: Study, role: str, config: ml_collections.ConfigDict) -> nib.Nifti1Image:
+  """The study's PET (in SUV) or CT: its NIfTI file, or for the dicom layout its series read from DICOM."""
+  if study.source != "dicom":
+    return load_image(study.pet if role == "PET" else study.ct, role, study.study_id)
+  files = study.pet_files if role == "PET" else study.ct_files
+  where = f"study {study.study_id}"
+  if not files:
+    raise UserError(f"{where}: no {role} series in the DICOM study (needs a PET series and a CT series)")
+  if role == "CT":
+    volume = dicom.read_series(files, where)
+    return nib.Nifti1Image(volume.array, volume.affine)
+  suv, affine = dicom.read_pet_suv(files, where, config.dicom_weight_kg, "--config.dicom_weight_kg=KG")
+  return nib.Nifti1Image(suv, affine)
 
 
 def _onto_grid(image: nib.Nifti1Image, study: Study, role: str, reference: tuple[np.ndarray, tuple],
@@ -528,6 +571,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         f"val_fraction={fractions[0]} and test_fraction={fractions[1]} must be ≥ 0 with a sum ≤ 1")
   check(config.records_per_shard >= 1, "records_per_shard", "must be ≥ 1")
   check(0 < config.min_overlap <= 1, "min_overlap", "must be in (0, 1]")
+  check(config.dicom_weight_kg == 0 or 1 <= config.dicom_weight_kg <= 500, "dicom_weight_kg",
+        "must be 0 (use PatientWeight from the DICOM headers) or a weight in [1, 500] kg")
   check(not config.metadata_csv or os.path.isfile(config.metadata_csv), "metadata_csv",
         f"file {config.metadata_csv!r} does not exist")
   make_prompt({}, config.prompt_template)
@@ -700,7 +745,7 @@ def _manifest_entry(job: Job, item: bytes, shard: str, index: int) -> dict[str, 
 
 # -------------------------------------------------------------------------------------------------- CLI
 def _define_flags(fv: flags.FlagValues) -> None:
-  flags.DEFINE_string("input", None, "folder of NIfTI studies (autoPET, nnU-Net or HECKTOR layout)",
+  flags.DEFINE_string("input", None, "folder of NIfTI studies (autoPET, nnU-Net or HECKTOR layout) or of DICOM PET/CT",
                       flag_values=fv)
   flags.DEFINE_string("output", None, "folder for the ArrayRecord shards and manifest.json", flag_values=fv)
   flags.DEFINE_integer("workers", None, "parallel processes (default: the number of CPUs)", flag_values=fv)

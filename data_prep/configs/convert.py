@@ -1,4 +1,4 @@
-"""Config of `petfm prepare` / `python -m data_prep.convert` (NIfTI studies → ArrayRecord).
+"""Config of `petfm prepare` / `python -m data_prep.convert` (NIfTI or DICOM studies → ArrayRecord).
 
 `--config data_prep/configs/convert.py:ARG` with ARG = `SPACING[,layout=...]`, e.g. `convert.py:1.5` for
 1.5 mm isotropic voxels (SegAnyPET crops) or `convert.py:4.0,layout=hecktor`. Any field can be overridden with
@@ -13,7 +13,7 @@ from petfm.config import parse_arg
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   arg = parse_arg(arg, spacing=4.0, layout="auto")
   c = ml_collections.ConfigDict()
-  # Input layout: auto | autopet (PETCT_*/<study>/{CTres,SUV,SEG}.nii.gz) | nnunet (imagesTr/<case>_0000 CT,
+  # Input layout: auto | dicom (PET + CT series per DICOM study) | autopet (PETCT_*/<study>/{CTres,SUV,SEG}.nii.gz) | nnunet (imagesTr/<case>_0000 CT,
   # _0001 SUV, labelsTr/<case>) | hecktor (<Center>-<ID>__CT / __PT / <Center>-<ID>.nii.gz).
   c.layout = arg.layout
   # Voxel size (mm) of the stored grid: one value (isotropic) or three. Images linear, labels nearest.
@@ -36,4 +36,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.text_encoder = "none"
   # Studies per ArrayRecord shard (≈ 10-40 MB per whole-body study at 4 mm before compression).
   c.records_per_shard = 16
+  # DICOM input: patient weight (kg) for SUV instead of PatientWeight (0010,1030) in every PET series; 0 = use
+  # the headers. For studies whose weight is missing or wrong (e.g. removed by de-identification).
+  c.dicom_weight_kg = 0.0
   return c
