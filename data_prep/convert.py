@@ -745,7 +745,7 @@ def _manifest_entry(job: Job, item: bytes, shard: str, index: int) -> dict[str, 
 
 # -------------------------------------------------------------------------------------------------- CLI
 def _define_flags(fv: flags.FlagValues) -> None:
-  flags.DEFINE_string("input", None, "folder of NIfTI studies (autoPET, nnU-Net or HECKTOR layout) or of DICOM PET/CT",
+  flags.DEFINE_string("input", None, "folder of NIfTI studies (autoPET, nnU-Net or HECKTOR layout) or DICOM",
                       flag_values=fv)
   flags.DEFINE_string("output", None, "folder for the ArrayRecord shards and manifest.json", flag_values=fv)
   flags.DEFINE_integer("workers", None, "parallel processes (default: the number of CPUs)", flag_values=fv)

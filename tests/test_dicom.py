@@ -1,5 +1,5 @@
-"""DICOM PET/CT → records: SUV from the headers (vendor styles) vs hand calculation, geometry vs the NIfTI twin
-and vs world coordinates, and one error line per broken study."""
+"""DICOM PET/CT → records: SUV from the headers (vendor styles) vs hand calculation, geometry vs the NIfTI
+twin and vs world coordinates, and one error line per broken study."""
 
 import datetime
 import os
@@ -25,7 +25,7 @@ PET_CLASS, CT_CLASS = "1.2.840.10008.5.1.4.1.1.128", "1.2.840.10008.5.1.4.1.1.2"
 
 
 def lps_geometry(row, col, spacing, step, origin):
-  """(RAS affine (4, 4), row, col, pixel spacing, step, origin) as written to (and read back from) the headers."""
+  """(RAS affine (4, 4), (row, col, pixel spacing, step, origin) as written to the headers)."""
   row, col, step, origin = (np.round(np.asarray(v, np.float64), 6) for v in (row, col, step, origin))
   lps = np.eye(4)
   lps[:3, 0], lps[:3, 1], lps[:3, 2], lps[:3, 3] = row * spacing[1], col * spacing[0], step, origin
@@ -37,13 +37,15 @@ PET_AFFINE, PET_GEOMETRY = lps_geometry([1, 0, 0], [0, 1, 0], (4.0, 4.0), [0, 0,
 CT_AFFINE, CT_GEOMETRY = lps_geometry([1, 0, 0], [0, -1, 0], (2.5, 2.5), [0, 0, 2.5], [-15.0, 14.0, -9.0])
 _TILT = np.radians(12)
 TILTED_AFFINE, TILTED_GEOMETRY = lps_geometry(
-    [1, 0, 0], [0, np.cos(_TILT), -np.sin(_TILT)], (2.5, 2.5), [0, 0, 2.5 / np.cos(_TILT)], [-15.0, -14.0, -9.0])
+    [1, 0, 0], [0, np.cos(_TILT), -np.sin(_TILT)], (2.5, 2.5), [0, 0, 2.5 / np.cos(_TILT)],
+    [-15.0, -14.0, -9.0])
 
 
-def write_series(folder, values, geometry, modality, headers, rng, skip=(), slopes=True, pet_headers=None):
-  """Writes `values` (X, Y, Z) as one DICOM file per slice (random names, shuffled); returns the stored values.
+def write_series(folder, values, geometry, modality, headers, rng, skip=(), pet_headers=None):
+  """Writes `values` (X, Y, Z) as one DICOM file per slice (random names, shuffled); returns stored values.
 
-  Slices are int16 with a per-slice RescaleSlope (PET) or slope 1 / intercept -1024 (CT), as scanners write them.
+  Slices are int16 with a per-slice RescaleSlope (PET) or slope 1 / intercept -1024 (CT), as scanners write
+  them; `skip` leaves slices out, `pet_headers(ds, k)` adds per-slice PET attributes.
   """
   row, col, spacing, step, origin = geometry
   os.makedirs(folder, exist_ok=True)
@@ -52,7 +54,7 @@ def write_series(folder, values, geometry, modality, headers, rng, skip=(), slop
   for k in rng.permutation(values.shape[2]):
     plane = values[:, :, k]
     if modality == "PT":
-      slope = float(f"{max(np.abs(plane).max(), 1e-3) / 30000 * (1 + 0.3 * rng.random() if slopes else 1):.6g}")
+      slope = float(f"{max(np.abs(plane).max(), 1e-3) / 30000 * (1 + 0.3 * rng.random()):.6g}")
       intercept = 0.0
     else:
       slope, intercept = 1.0, -1024.0
@@ -163,7 +165,8 @@ def test_suv_factors_match_the_hand_calculation():
 
 
 @pytest.mark.parametrize("change, field", [
-    (lambda ds: ds.__delattr__("PatientWeight"), "PatientWeight (0010,1030) is missing; give the weight with W"),
+    (lambda ds: ds.__delattr__("PatientWeight"),
+     "PatientWeight (0010,1030) is missing; give the weight with W"),
     (lambda ds: setattr(ds, "PatientWeight", "0"), "PatientWeight (0010,1030) is 0 kg"),
     (lambda ds: setattr(ds.RadiopharmaceuticalInformationSequence[0], "RadionuclideTotalDose", "310"),
      "RadionuclideTotalDose (0018,1074) is 310 Bq"),
@@ -219,7 +222,8 @@ def write_dicom_cohort(root, twins, rng):
     philips_scale = (lambda ds, k: philips(ds, 0x00, f"{factors[k]:g}")) if name == "philips_cnts" else None
     stored = write_series(root / name / ("pet" if nested else ""), activity, PET_GEOMETRY, "PT",
                           {**common, **headers}, rng, pet_headers=philips_scale)
-    ct = write_series(root / name / ("ct" if nested else ""), ct_values(CT_SHAPE), ct_geometry, "CT", common, rng)
+    ct = write_series(root / name / ("ct" if nested else ""), ct_values(CT_SHAPE), ct_geometry, "CT", common,
+                      rng)
     save(str(root / name / "label.nii.gz"), volumes["seg"], PET_AFFINE)
     ct_affine = TILTED_AFFINE if ct_geometry is TILTED_GEOMETRY else CT_AFFINE
     suv = (stored * factors).astype(np.float32)

@@ -13,8 +13,9 @@ from petfm.config import parse_arg
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   arg = parse_arg(arg, spacing=4.0, layout="auto")
   c = ml_collections.ConfigDict()
-  # Input layout: auto | dicom (PET + CT series per DICOM study) | autopet (PETCT_*/<study>/{CTres,SUV,SEG}.nii.gz) | nnunet (imagesTr/<case>_0000 CT,
+  # Input layout: auto | autopet (PETCT_*/<study>/{CTres,SUV,SEG}.nii.gz) | nnunet (imagesTr/<case>_0000 CT,
   # _0001 SUV, labelsTr/<case>) | hecktor (<Center>-<ID>__CT / __PT / <Center>-<ID>.nii.gz).
+  # | dicom (DICOM files, any folders: a PET and a CT series per study; SUV from the PET headers).
   c.layout = arg.layout
   # Voxel size (mm) of the stored grid: one value (isotropic) or three. Images linear, labels nearest.
   c.spacing = (arg.spacing,) * 3

@@ -1,13 +1,13 @@
-"""DICOM PET/CT: series discovery, volume assembly with the true affine, and body-weight SUV from the PET headers.
+"""DICOM PET/CT: series discovery, volumes with their true affine, and body-weight SUV from the PET headers.
 
 Reading is done by pydicom; this module only interprets the standard attributes:
 
-* `find_pet_ct(root)` reads the headers of every DICOM file under `root` and pairs each PET image series with the
-  CT of its study (same StudyInstanceUID, preferring the PET's FrameOfReferenceUID, then the most slices).
-* `read_series(files, where)` sorts the slices by position along the slice normal, checks orientation, pixel
-  grid, spacing, missing slices and gantry tilt, applies RescaleSlope/Intercept per slice and returns the volume
-  `(X, Y, Z)` (X = column index, Y = row index, Z = slice) with its voxel → world affine in RAS+ mm (DICOM
-  positions are LPS+; x and y are negated), the same convention as `nibabel` / `petfm.data.nifti`.
+* `find_pet_ct(root)` reads the headers of every DICOM file under `root` and pairs each PET image series with
+  the CT of its study (same StudyInstanceUID, preferring the PET's FrameOfReferenceUID, then the most slices).
+* `read_series(files, where)` sorts the slices by position along the slice normal, checks orientation,
+  pixel grid, spacing, missing slices and gantry tilt, applies RescaleSlope/Intercept per slice and returns
+  the volume `(X, Y, Z)` (X = column index, Y = row index, Z = slice) with its voxel → world affine in RAS+ mm
+  (DICOM positions are LPS+; x and y are negated), the same convention as `nibabel` / `petfm.data.nifti`.
 * `suv_factors(headers, where)` gives per-slice factors that turn the rescaled PET values into SUVbw
   (QIBA: BQML with DecayCorrection START or ADMIN, CNTS with the Philips SUV scale factor, GML as is).
 
@@ -35,8 +35,8 @@ from petfm.data.nifti import MAX_SPACING_MM, MIN_SPACING_MM
 from petfm.errors import UserError
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
-# Plausible ranges: dose 1 MBq..100 GBq (a value in MBq would be far below), weight 1..500 kg, half-life 1 min..
-# 4 months; a decay time beyond 10 half-lives leaves < 0.1 % of the dose and means a wrong date or time.
+# Plausible ranges: dose 1 MBq..100 GBq (a value in MBq would be far below), weight 1..500 kg, half-life
+# 1 min..4 months; a decay time beyond 10 half-lives leaves < 0.1 % of the dose: a wrong date or time.
 DOSE_BQ = (1e6, 1e11)
 WEIGHT_KG = (1.0, 500.0)
 HALF_LIFE_S = (60.0, 1e7)
@@ -100,8 +100,9 @@ def find_pet_ct(root: str) -> list[PetCt]:
         continue
       image_type = {str(v).upper() for v in _as_list(ds.get("ImageType"))}
       corrected = {str(v).upper() for v in _as_list(ds.get("CorrectedImage"))}
+      not_attenuation_corrected = ds.get("Modality") == "PT" and corrected and "ATTN" not in corrected
       if (ds.get("Modality") not in ("PT", "CT") or "Rows" not in ds or not ds.get("SeriesInstanceUID")
-          or image_type & _SKIP_IMAGE_TYPES or (ds.Modality == "PT" and corrected and "ATTN" not in corrected)):
+          or image_type & _SKIP_IMAGE_TYPES or not_attenuation_corrected):
         continue
       uid = str(ds.SeriesInstanceUID)
       if uid not in series:
@@ -125,7 +126,8 @@ def find_pet_ct(root: str) -> list[PetCt]:
   claimed = {os.path.dirname(f) for study in found for f in study.pet + study.ct}
   for folder, files in unreadable.items():
     if folder not in claimed:
-      found.append(PetCt(folder=folder, study_uid="", patient_id="", tracer="unknown", pet=tuple(files), ct=()))
+      found.append(PetCt(folder=folder, study_uid="", patient_id="", tracer="unknown", pet=tuple(files),
+                         ct=()))
   return sorted(found, key=lambda s: (s.folder, s.pet_series))
 
 
@@ -217,8 +219,8 @@ def read_series(files: Sequence[str], where: str, allow_tilt: bool = True) -> Vo
     if np.all(np.abs(multiple - np.round(multiple)) * step <= tolerance) and np.all(multiple > 1.5):
       i = int(gaps[0])
       raise UserError(f"{where}: {int(round(float(np.sum(multiple - 1))))} missing slice(s): gap of "
-                      f"{steps[i]:.2f} mm between {distance[i]:.2f} and {distance[i + 1]:.2f} mm (slice spacing "
-                      f"{step:.2f} mm)")
+                      f"{steps[i]:.2f} mm between {distance[i]:.2f} and {distance[i + 1]:.2f} mm "
+                      f"(slice spacing {step:.2f} mm)")
     raise UserError(f"{where}: irregular slice spacing ({steps.min():.3f}..{steps.max():.3f} mm between "
                     "slice positions); cannot build one volume")
   slice_step = (positions[-1] - positions[0]) / (len(positions) - 1)
@@ -234,7 +236,7 @@ def read_series(files: Sequence[str], where: str, allow_tilt: bool = True) -> Vo
     raise UserError(f"{where}: voxel spacing {'×'.join(f'{s:g}' for s in sizes)} mm is outside "
                     f"[{MIN_SPACING_MM:g}, {MAX_SPACING_MM:g}] mm")
   lps = np.eye(4)
-  lps[:3, 0], lps[:3, 1], lps[:3, 2], lps[:3, 3] = row * spacing[1], col * spacing[0], slice_step, positions[0]
+  lps[:3, :4] = np.column_stack([row * spacing[1], col * spacing[0], slice_step, positions[0]])
   array = np.stack([pixels.T for _, pixels in slices], axis=-1).astype(np.float32)
   if not np.all(np.isfinite(array)):
     raise UserError(f"{where}: RescaleSlope/RescaleIntercept give NaN or infinite values")
@@ -298,12 +300,13 @@ def _bqml_factor(headers: Sequence[Dataset], where: str, weight_kg: float, weigh
   else:
     weight = _number(first.get("PatientWeight"))
     if weight is None or not WEIGHT_KG[0] <= weight <= WEIGHT_KG[1]:
-      found = "is missing" if weight is None else f"is {weight:g} kg, outside {WEIGHT_KG[0]:g}..{WEIGHT_KG[1]:g}"
+      found = "is missing" if weight is None else \
+          f"is {weight:g} kg, outside {WEIGHT_KG[0]:g}..{WEIGHT_KG[1]:g}"
       raise UserError(f"{where}: PatientWeight (0010,1030) {found}; give the weight with {weight_option}")
   info = _first_item(first, "RadiopharmaceuticalInformationSequence")
   if info is None:
-    raise UserError(f"{where}: RadiopharmaceuticalInformationSequence (0054,0016) is missing (dose, injection "
-                    "time, half-life)")
+    raise UserError(f"{where}: RadiopharmaceuticalInformationSequence (0054,0016) is missing (dose, "
+                    "injection time, half-life)")
   dose = _number(info.get("RadionuclideTotalDose"))
   if dose is None or not DOSE_BQ[0] <= dose <= DOSE_BQ[1]:
     found = "is missing" if dose is None else f"is {dose:g} Bq, outside 1 MBq..100 GBq (a value in MBq?)"
@@ -316,7 +319,8 @@ def _bqml_factor(headers: Sequence[Dataset], where: str, weight_kg: float, weigh
   if decay == "ADMIN":
     return weight * 1000.0 / dose
   if decay != "START":
-    raise UserError(f"{where}: DecayCorrection (0054,1102) is {decay or 'missing'!r}; SUV needs START or ADMIN")
+    raise UserError(f"{where}: DecayCorrection (0054,1102) is {decay or 'missing'!r}; SUV needs START or "
+                    "ADMIN")
   scan = _datetime(first, "SeriesDate", "SeriesTime", where)
   acquisitions = [_datetime(ds, "AcquisitionDate", "AcquisitionTime", where, "AcquisitionDateTime")
                   for ds in headers]
@@ -332,7 +336,8 @@ def _bqml_factor(headers: Sequence[Dataset], where: str, weight_kg: float, weigh
   if injected is not None:
     injected = injected.replace(tzinfo=None)
   else:
-    start = _parse(TM, info.get("RadiopharmaceuticalStartTime"), where, "RadiopharmaceuticalStartTime (0018,1072)")
+    start = _parse(TM, info.get("RadiopharmaceuticalStartTime"), where,
+                   "RadiopharmaceuticalStartTime (0018,1072)")
     if start is None:
       raise UserError(f"{where}: RadiopharmaceuticalStartTime (0018,1072) is missing (injection time)")
     injected = datetime.datetime.combine(scan.date(), start)
@@ -359,7 +364,7 @@ def _first_item(ds: Dataset, keyword: str) -> Dataset | None:
 
 
 def _number(value: Any) -> float | None:
-  """A DS/IS/FD value, or a value pydicom kept as raw bytes (an unknown private tag), as float; None if absent."""
+  """A DS/IS/FD value, or raw bytes (a private tag pydicom does not know), as float; None if absent."""
   if isinstance(value, bytes):
     value = value.decode("ascii", "replace").strip("\0 ")
   if value is None or value == "":
@@ -407,7 +412,7 @@ def _parse(kind: type, value: Any, where: str, field: str) -> Any:
 
 
 def _datetime(ds: Dataset, date: str, time: str, where: str, combined: str = "") -> datetime.datetime | None:
-  """`date` + `time` attributes (or the `combined` DT attribute) of `ds` as a naive datetime; None if absent."""
+  """`date` + `time` attributes (or the `combined` DT attribute) of `ds` as naive datetime; None if absent."""
   if combined and ds.get(combined):
     return _parse(DT, ds.get(combined), where, combined).replace(tzinfo=None)
   day = _parse(DA, ds.get(date), where, date)
