@@ -296,3 +296,59 @@ def test_dicom_studies_convert_like_their_nifti_twins_and_broken_ones_are_skippe
     i, j, k = np.rint(pet_index[:, on_voxel]).astype(int)
     assert on_voxel.sum() > 50
     np.testing.assert_allclose(record["suv"].reshape(-1)[on_voxel], suv[i, j, k], rtol=1e-4, atol=1e-6)
+
+
+def test_pairing_prefers_the_pets_frame_of_reference_and_skips_scouts_and_uncorrected_pet(tmp_path):
+  rng = np.random.default_rng(2)
+  common = study_headers("1.2.3", "1.2.3.1", "p1")
+  write_series(tmp_path / "pet", np.ones(PET_SHAPE), PET_GEOMETRY, "PT", {**common, **pet_headers()}, rng)
+  nac = {**common, **pet_headers(), "CorrectedImage": ["DECY"]}
+  write_series(tmp_path / "nac", np.ones(PET_SHAPE), PET_GEOMETRY, "PT", nac, rng)
+  write_series(tmp_path / "ct", ct_values(CT_SHAPE), CT_GEOMETRY, "CT", common, rng)
+  other = ct_values((14, 12, 20))
+  elsewhere = {**common, "FrameOfReferenceUID": "9.9"}
+  write_series(tmp_path / "diagnostic", other, CT_GEOMETRY, "CT", elsewhere, rng)
+  scout = {**common, "ImageType": ["ORIGINAL", "PRIMARY", "LOCALIZER"]}
+  write_series(tmp_path / "scout", ct_values((14, 12, 30)), CT_GEOMETRY, "CT", scout, rng)
+  damaged = sorted((tmp_path / "pet").iterdir())[0]
+  damaged.write_bytes(damaged.read_bytes()[:-100])  # pixel data cut short
+  (found,) = dicom.find_pet_ct(str(tmp_path))
+  assert {os.path.dirname(f) for f in found.ct} == {str(tmp_path / "ct")} and len(found.ct) == CT_SHAPE[2]
+  assert {os.path.basename(os.path.dirname(f)) for f in found.pet} == {"pet"} and len(found.pet) == 8
+  assert (found.folder, found.tracer, found.patient_id) == (str(tmp_path), "FDG", "p1")
+  with pytest.raises(UserError, match=rf"^study s: {damaged.name}: not a readable DICOM image \("):
+    dicom.read_series(sorted(found.pet), "study s")
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda files: setattr_file(files[3], "ImagePositionPatient", files[2]),
+     "two slices at the same position"),
+    (lambda files: shift_file(files[5], 1.0), "irregular slice spacing (1.500..3.500 mm"),
+    (lambda files: setattr_file(files[1], "ImageOrientationPatient", ["0", "1", "0", "1", "0", "0"]),
+     "slices have different ImageOrientationPatient (0020,0037)"),
+    (lambda files: setattr_file(files[1], "PixelSpacing", ["3", "3"]),
+     "different sizes (Rows/Columns) or PixelSpacing"),
+])
+def test_inconsistent_slices_give_one_line(tmp_path, edit, message):
+  write_series(tmp_path, ct_values(CT_SHAPE), CT_GEOMETRY, "CT", study_headers("1", "2", "p"),
+               np.random.default_rng(3))
+  files = sorted((str(p) for p in tmp_path.iterdir()),
+                 key=lambda f: float(pydicom.dcmread(f, stop_before_pixels=True).ImagePositionPatient[2]))
+  edit(files)
+  with pytest.raises(UserError, match=r"^study s: CT series 2 \"CT test\": ") as e:
+    dicom.read_series(files, "study s")
+  assert message in str(e.value)
+
+
+def setattr_file(path, keyword, value):
+  """Sets `keyword` in the file `path` to `value`, or to that attribute of the file `value` names."""
+  ds = pydicom.dcmread(path)
+  setattr(ds, keyword, pydicom.dcmread(value)[keyword].value if isinstance(value, str) else value)
+  ds.save_as(path)
+
+
+def shift_file(path, mm):
+  """Moves the slice `path` by `mm` along z: from there on the spacing is irregular."""
+  ds = pydicom.dcmread(path)
+  ds.ImagePositionPatient = [*ds.ImagePositionPatient[:2], f"{float(ds.ImagePositionPatient[2]) + mm:g}"]
+  ds.save_as(path)

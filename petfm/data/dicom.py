@@ -20,7 +20,6 @@ import dataclasses
 import datetime
 import math
 import os
-from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
@@ -49,8 +48,12 @@ _SKIP_IMAGE_TYPES = {"LOCALIZER", "MIP", "SECONDARY", "SCREEN SHOT"}
 _FDG_CODES = {"C-B1031", "35321007"}
 _TRACER_WORDS = {"FDG": ("FDG", "FLUDEOXYGLUCOSE", "FLUORODEOXYGLUCOSE"),
                  "PSMA": ("PSMA", "DCFPYL", "PIFLUFOLASTAT", "GOZETOTIDE", "FLOTUFOLASTAT", "DCFBC")}
-_HEADER_TAGS = ["Modality", "SeriesInstanceUID", "StudyInstanceUID", "FrameOfReferenceUID", "SeriesNumber",
-                "PatientID", "ImageType", "CorrectedImage", "Rows", "NumberOfFrames",
+# PET and CT image storage SOP classes (the enhanced ones are then reported as multi-frame, not ignored).
+_IMAGE_CLASSES = {"1.2.840.10008.5.1.4.1.1.128", "1.2.840.10008.5.1.4.1.1.130",
+                  "1.2.840.10008.5.1.4.1.1.128.1", "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.2.1",
+                  "1.2.840.10008.5.1.4.1.1.2.2"}
+_HEADER_TAGS = ["SOPClassUID", "Modality", "SeriesInstanceUID", "StudyInstanceUID", "FrameOfReferenceUID",
+                "SeriesNumber", "PatientID", "ImageType", "CorrectedImage", "NumberOfFrames",
                 "RadiopharmaceuticalInformationSequence"]
 
 
@@ -62,9 +65,9 @@ class PetCt:
   study_uid: str
   patient_id: str
   tracer: str  # FDG, PSMA or unknown (from the radiopharmaceutical code or name)
-  pet: tuple[str, ...]  # files of the PET series (plus unreadable DICOM files of its folders)
+  pet: tuple[str, ...]  # files of the PET series
   ct: tuple[str, ...]  # files of the CT series; () when the study has none
-  pet_series: str = ""  # its SeriesInstanceUID ('' for a group of unreadable files)
+  pet_series: str  # its SeriesInstanceUID
 
 
 @dataclasses.dataclass
@@ -82,26 +85,24 @@ class _Series:
 def find_pet_ct(root: str) -> list[PetCt]:
   """Every attenuation-corrected PET image series under `root` with the CT of its study, sorted by folder.
 
-  Files that are not DICOM (no `DICM` preamble) are ignored. DICOM files whose header cannot be read join the
-  PET of every study in their folder (or form a study of their own), so conversion reports them by name.
+  Only PET and CT image files count: other files (not DICOM Part 10, reports, raw data, a header cut short
+  before its SOP class or series UID) are ignored; a slice lost that way shows up as a missing slice. A file
+  whose pixel data is damaged stays in its series, and reading it names it.
   """
   series: dict[str, _Series] = {}
-  unreadable: dict[str, list[str]] = defaultdict(list)
   for folder, dirs, names in os.walk(root):
     dirs.sort()
     for name in sorted(names):
       path = os.path.join(folder, name)
       try:
         ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
-      except InvalidDicomError:
-        continue  # not a DICOM file
-      except (OSError, ValueError, EOFError, KeyError, TypeError, AttributeError):
-        unreadable[folder].append(path)
+      except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError, AttributeError):
         continue
       image_type = {str(v).upper() for v in _as_list(ds.get("ImageType"))}
       corrected = {str(v).upper() for v in _as_list(ds.get("CorrectedImage"))}
       not_attenuation_corrected = ds.get("Modality") == "PT" and corrected and "ATTN" not in corrected
-      if (ds.get("Modality") not in ("PT", "CT") or "Rows" not in ds or not ds.get("SeriesInstanceUID")
+      if (ds.get("Modality") not in ("PT", "CT") or ds.get("SOPClassUID") not in _IMAGE_CLASSES
+          or not ds.get("SeriesInstanceUID")
           or image_type & _SKIP_IMAGE_TYPES or not_attenuation_corrected):
         continue
       uid = str(ds.SeriesInstanceUID)
@@ -117,17 +118,10 @@ def find_pet_ct(root: str) -> list[PetCt]:
     cts = [s for s in series.values() if s.modality == "CT" and s.study_uid == pet.study_uid]
     cts.sort(key=lambda s: (s.frame_of_reference != pet.frame_of_reference, -len(s.files), s.number))
     ct = tuple(cts[0].files) if cts else ()
-    files = tuple(pet.files) + ct
-    folders = {os.path.dirname(f) for f in files}
-    extra = tuple(f for folder in sorted(folders) for f in unreadable.get(folder, []))
-    found.append(PetCt(folder=os.path.commonpath(files) if len(folders) > 1 else folders.pop(),
+    folders = {os.path.dirname(f) for f in pet.files + list(ct)}
+    found.append(PetCt(folder=os.path.commonpath(sorted(folders)) if len(folders) > 1 else folders.pop(),
                        study_uid=pet.study_uid, patient_id=pet.patient_id, tracer=pet.tracer,
-                       pet=tuple(pet.files) + extra, ct=ct, pet_series=pet.uid))
-  claimed = {os.path.dirname(f) for study in found for f in study.pet + study.ct}
-  for folder, files in unreadable.items():
-    if folder not in claimed:
-      found.append(PetCt(folder=folder, study_uid="", patient_id="", tracer="unknown", pet=tuple(files),
-                         ct=()))
+                       pet=tuple(pet.files), ct=ct, pet_series=pet.uid))
   return sorted(found, key=lambda s: (s.folder, s.pet_series))
 
 
@@ -166,13 +160,17 @@ def read_series(files: Sequence[str], where: str, allow_tilt: bool = True) -> Vo
   """
   slices = []
   for path in files:
+    ds = None
     try:
       ds = pydicom.dcmread(path)
       pixels = ds.pixel_array
     except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError, AttributeError,
             NotImplementedError, RuntimeError) as e:
-      raise UserError(f"{where}: {os.path.basename(path)}: not a readable DICOM image "
-                      f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+      syntax = getattr(ds, "file_meta", {}).get("TransferSyntaxUID")
+      hint = "; install a pydicom decoder plugin, e.g. pylibjpeg" if syntax and syntax.is_compressed else ""
+      reason = str(e).splitlines()[0].rstrip(": ") if str(e) else type(e).__name__
+      raise UserError(f"{where}: {os.path.basename(path)}: not a readable DICOM image ({reason}{hint})") \
+          from None
     if pixels.ndim != 2:
       raise UserError(f"{where}: {os.path.basename(path)}: holds {ds.get('NumberOfFrames', '?')} frames; "
                       "only one slice per file (classic DICOM) is supported")
