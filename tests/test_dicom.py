@@ -312,12 +312,25 @@ def test_pairing_prefers_the_pets_frame_of_reference_and_skips_scouts_and_uncorr
   write_series(tmp_path / "scout", ct_values((14, 12, 30)), CT_GEOMETRY, "CT", scout, rng)
   damaged = sorted((tmp_path / "pet").iterdir())[0]
   damaged.write_bytes(damaged.read_bytes()[:-100])  # pixel data cut short
-  (found,) = dicom.find_pet_ct(str(tmp_path))
+  # An archive that stores PET and CT as two studies sharing one frame of reference.
+  psma = {**study_headers("4.5", "4.5.1", "p2"), **pet_headers(tracer_code=None, name="PSMA-1007")}
+  write_series(tmp_path / "split", np.ones(PET_SHAPE), PET_GEOMETRY, "PT", psma, rng)
+  ct_study = study_headers("4.6", "4.5.1", "p2")
+  write_series(tmp_path / "split", ct_values(CT_SHAPE), CT_GEOMETRY, "CT", ct_study, rng)
+  found, split = dicom.find_pet_ct(str(tmp_path))
   assert {os.path.dirname(f) for f in found.ct} == {str(tmp_path / "ct")} and len(found.ct) == CT_SHAPE[2]
   assert {os.path.basename(os.path.dirname(f)) for f in found.pet} == {"pet"} and len(found.pet) == 8
   assert (found.folder, found.tracer, found.patient_id) == (str(tmp_path), "FDG", "p1")
+  assert (split.folder, split.tracer, len(split.pet), len(split.ct)) == (str(tmp_path / "split"), "PSMA", 8,
+                                                                          10)
   with pytest.raises(UserError, match=rf"^study s: {damaged.name}: not a readable DICOM image \("):
     dicom.read_series(sorted(found.pet), "study s")
+  # Two PET series in one folder: one study each, named by folder and series UID.
+  write_series(tmp_path / "split", np.ones(PET_SHAPE), PET_GEOMETRY, "PT",
+               {**study_headers("4.5", "4.5.1", "p2"), **pet_headers()}, rng)
+  layout, studies = convert.find_studies(str(tmp_path / "split"))
+  assert layout == "dicom" and len({s.study_id for s in studies}) == 2
+  assert all(s.study_id.startswith("split/1.") and len(s.ct_files) == 10 for s in studies)
 
 
 @pytest.mark.parametrize("edit, message", [

@@ -3,7 +3,7 @@
 Reading is done by pydicom; this module only interprets the standard attributes:
 
 * `find_pet_ct(root)` reads the headers of every DICOM file under `root` and pairs each PET image series with
-  the CT of its study (same StudyInstanceUID, preferring the PET's FrameOfReferenceUID, then the most slices).
+  its CT (same StudyInstanceUID or FrameOfReferenceUID, the frame of reference first, then the most slices).
 * `read_series(files, where)` sorts the slices by position along the slice normal, checks orientation,
   pixel grid, spacing, missing slices and gantry tilt, applies RescaleSlope/Intercept per slice and returns
   the volume `(X, Y, Z)` (X = column index, Y = row index, Z = slice) with its voxel → world affine in RAS+ mm
@@ -83,7 +83,11 @@ class _Series:
 
 
 def find_pet_ct(root: str) -> list[PetCt]:
-  """Every attenuation-corrected PET image series under `root` with the CT of its study, sorted by folder.
+  """Every attenuation-corrected PET image series under `root` with its CT, sorted by folder.
+
+  The CT is a CT image series of the same study (StudyInstanceUID) or with the same FrameOfReferenceUID (some
+  archives store PET and CT as two studies); one sharing the frame of reference wins, then one of the same
+  study, then the one with the most slices.
 
   Only PET and CT image files count: other files (not DICOM Part 10, reports, raw data, a header cut short
   before its SOP class or series UID) are ignored; a slice lost that way shows up as a missing slice. A file
@@ -115,11 +119,13 @@ def find_pet_ct(root: str) -> list[PetCt]:
       series[uid].files.append(path)
   found = []
   for pet in (s for s in series.values() if s.modality == "PT"):
-    cts = [s for s in series.values() if s.modality == "CT" and s.study_uid == pet.study_uid]
-    cts.sort(key=lambda s: (s.frame_of_reference != pet.frame_of_reference, -len(s.files), s.number))
+    same_frame = {s.uid for s in series.values() if pet.frame_of_reference
+                  and s.frame_of_reference == pet.frame_of_reference}
+    cts = [s for s in series.values()
+           if s.modality == "CT" and (s.study_uid == pet.study_uid or s.uid in same_frame)]
+    cts.sort(key=lambda s: (s.uid not in same_frame, s.study_uid != pet.study_uid, -len(s.files), s.number))
     ct = tuple(cts[0].files) if cts else ()
-    folders = {os.path.dirname(f) for f in pet.files + list(ct)}
-    found.append(PetCt(folder=os.path.commonpath(sorted(folders)) if len(folders) > 1 else folders.pop(),
+    found.append(PetCt(folder=os.path.commonpath([os.path.dirname(f) for f in pet.files + list(ct)]),
                        study_uid=pet.study_uid, patient_id=pet.patient_id, tracer=pet.tracer,
                        pet=tuple(pet.files), ct=ct, pet_series=pet.uid))
   return sorted(found, key=lambda s: (s.folder, s.pet_series))
@@ -174,7 +180,7 @@ def read_series(files: Sequence[str], where: str, allow_tilt: bool = True) -> Vo
     if pixels.ndim != 2:
       raise UserError(f"{where}: {os.path.basename(path)}: holds {ds.get('NumberOfFrames', '?')} frames; "
                       "only one slice per file (classic DICOM) is supported")
-    slices.append((ds, apply_modality_lut(pixels, ds).astype(np.float64, copy=False)))
+    slices.append((ds, apply_modality_lut(pixels, ds).astype(np.float32)))  # slope and intercept per slice
   if not slices:
     raise UserError(f"{where}: the series has no files")
   first = slices[0][0]
@@ -235,7 +241,7 @@ def read_series(files: Sequence[str], where: str, allow_tilt: bool = True) -> Vo
                     f"[{MIN_SPACING_MM:g}, {MAX_SPACING_MM:g}] mm")
   lps = np.eye(4)
   lps[:3, :4] = np.column_stack([row * spacing[1], col * spacing[0], slice_step, positions[0]])
-  array = np.stack([pixels.T for _, pixels in slices], axis=-1).astype(np.float32)
+  array = np.stack([pixels.T for _, pixels in slices], axis=-1)
   if not np.all(np.isfinite(array)):
     raise UserError(f"{where}: RescaleSlope/RescaleIntercept give NaN or infinite values")
   headers = []
@@ -255,7 +261,7 @@ def read_pet_suv(files: Sequence[str], where: str, weight_kg: float = 0.0,
   if volume.headers[0].get("Modality") != "PT":
     raise UserError(f"{where}: {volume.name}: Modality is {volume.headers[0].get('Modality')!r}, not PT")
   factors = suv_factors(volume.headers, f"{where}: {volume.name}", weight_kg, weight_option)
-  return (volume.array * factors.astype(np.float32)).astype(np.float32), volume.affine
+  return volume.array * factors.astype(np.float32), volume.affine
 
 
 def suv_factors(headers: Sequence[Dataset], where: str, weight_kg: float = 0.0,
