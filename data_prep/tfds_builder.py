@@ -4,7 +4,7 @@ The builder serves the same records as `petfm prepare` (same fields and values, 
 TFDS hands strings back as UTF-8 `bytes`). Its manual folder holds either
 
 * a folder converted with `petfm prepare` (it has `manifest.json`): the records are copied as they are, or
-* NIfTI studies in any layout `data_prep.convert` reads: each study goes through the same
+* NIfTI or DICOM studies in any layout `data_prep.convert` reads: each study goes through the same
   `data_prep.convert.convert_study` (config: `data_prep/configs/convert.py`, see `PetfmRecordsConfig`);
   a bad study is logged as one warning line and left out.
 
@@ -97,7 +97,7 @@ class PetfmRecords(tfds.core.GeneratorBasedBuilder):
   BUILDER_CONFIGS = [PetfmRecordsConfig(name="default", description="4 mm isotropic (NIfTI input)")]
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
       "Set manual_dir to a folder converted with `petfm prepare` (it holds manifest.json), or to a folder of "
-      "NIfTI PET/CT studies in the autoPET, nnU-Net or HECKTOR layout.")
+      "NIfTI PET/CT studies in the autoPET, nnU-Net or HECKTOR layout, or of DICOM PET/CT.")
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(builder=self, features=features(), description=__doc__.split("\n\n")[0])

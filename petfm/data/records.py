@@ -29,7 +29,7 @@ orientation `nibabel.as_closest_canonical` produces, resampled to the configured
 | text             | str               | metadata prompt used by ContextAlign                               |
 | text_embedding   | float32 (E,)      | frozen text-encoder embedding of `text` (E = 0 when none was       |
 |                  |                   | computed)                                                          |
-| source           | str               | input layout: autopet, nnunet, hecktor                             |
+| source           | str               | input layout: autopet, nnunet, hecktor, dicom                      |
 
 `decode` returns a dict with numpy arrays for array fields and Python scalars/str for the others.
 """
