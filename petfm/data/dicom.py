@@ -293,8 +293,8 @@ def suv_factors(headers: Sequence[Dataset], where: str, weight_kg: float = 0.0,
     return np.array(activity, np.float64) * _bqml_factor(headers, where, weight_kg, weight_option)
   if units == "BQML":
     return np.full(len(headers), _bqml_factor(headers, where, weight_kg, weight_option))
-  raise UserError(f"{where}: Units (0054,1001) is {units or 'missing'!r}; SUV needs BQML, CNTS (Philips) or "
-                  "GML")
+  raise UserError(f"{where}: Units (0054,1001) is {repr(units) if units else 'missing'}; SUV needs BQML, "
+                  "CNTS (Philips) or GML")
 
 
 def _bqml_factor(headers: Sequence[Dataset], where: str, weight_kg: float, weight_option: str) -> float:
@@ -323,8 +323,8 @@ def _bqml_factor(headers: Sequence[Dataset], where: str, weight_kg: float, weigh
   if decay == "ADMIN":
     return weight * 1000.0 / dose
   if decay != "START":
-    raise UserError(f"{where}: DecayCorrection (0054,1102) is {decay or 'missing'!r}; SUV needs START or "
-                    "ADMIN")
+    raise UserError(f"{where}: DecayCorrection (0054,1102) is {repr(decay) if decay else 'missing'}; SUV needs "
+                    "START or ADMIN")
   scan = _datetime(first, "SeriesDate", "SeriesTime", where)
   acquisitions = [_datetime(ds, "AcquisitionDate", "AcquisitionTime", where, "AcquisitionDateTime")
                   for ds in headers]
