@@ -323,8 +323,8 @@ def _bqml_factor(headers: Sequence[Dataset], where: str, weight_kg: float, weigh
   if decay == "ADMIN":
     return weight * 1000.0 / dose
   if decay != "START":
-    raise UserError(f"{where}: DecayCorrection (0054,1102) is {repr(decay) if decay else 'missing'}; SUV needs "
-                    "START or ADMIN")
+    found = repr(decay) if decay else "missing"
+    raise UserError(f"{where}: DecayCorrection (0054,1102) is {found}; SUV needs START or ADMIN")
   scan = _datetime(first, "SeriesDate", "SeriesTime", where)
   acquisitions = [_datetime(ds, "AcquisitionDate", "AcquisitionTime", where, "AcquisitionDateTime")
                   for ds in headers]
