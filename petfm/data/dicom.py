@@ -244,10 +244,11 @@ def read_series(files: Sequence[str], where: str, allow_tilt: bool = True) -> Vo
   array = np.stack([pixels.T for _, pixels in slices], axis=-1)
   if not np.all(np.isfinite(array)):
     raise UserError(f"{where}: RescaleSlope/RescaleIntercept give NaN or infinite values")
-  headers = []
-  for ds, _ in slices:
-    del ds.PixelData
-    headers.append(ds)
+  headers = [ds for ds, _ in slices]
+  for ds in headers:  # keep the headers, free the pixel data
+    for keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
+      if keyword in ds:
+        delattr(ds, keyword)
   return Volume(array=array, affine=LPS_TO_RAS @ lps, headers=headers, name=name, tilt_deg=tilt)
 
 
