@@ -302,7 +302,10 @@ def make_study_from_ct(ct_path: str, seg_path: str, seed: int, index: int) -> Sy
   lut = np.array([anatomy.organ_from_totalseg(name) for name in names], np.uint8)
   organs = nodal_stations_from_ct(ts, lut[ts], hu, spacing)
   suv_true = organ_suv(rng, meta["tracer"], organs, hu)
-  seg, stage = add_lesions(rng, organs, hu, suv_true, spacing)
+  try:
+    seg, stage = add_lesions(rng, organs, hu, suv_true, spacing)
+  except UserError as e:
+    raise UserError(f"--from-ct {seg_path}: {e}") from None
   meta.update(ann_arbor_stage=stage, spacing_mm=spacing.round(4).tolist(),
               source_ct=os.path.basename(ct_path))
   ct = np.clip(np.rint(hu), -1024, 3071).astype(np.int16)
@@ -356,7 +359,18 @@ def generate(out_dir: str, n: int, seed: int = 0, workers: int = 1, scale: float
   if ct_pair:
     load_ct_pair(*ct_pair)  # every check on the voxels before anything is written
   prefix = re.sub(r"\W+", "_", os.path.basename(ct_pair[0]).split(".nii")[0]) if ct_pair else "synth"
+  created = not os.path.exists(out_dir)
   os.makedirs(out_dir, exist_ok=True)
+  try:
+    return _generate_all(out_dir, n, seed, workers, scale, ct_pair, prefix, progress)
+  except BaseException:  # a folder this call made and filled with nothing but organs.json goes again
+    if created and os.listdir(out_dir) == ["organs.json"]:
+      shutil.rmtree(out_dir, ignore_errors=True)
+    raise
+
+
+def _generate_all(out_dir: str, n: int, seed: int, workers: int, scale: float,
+                  ct_pair: tuple[str, str] | None, prefix: str, progress: bool) -> list[str]:
   for stale in glob.glob(os.path.join(glob.escape(out_dir), ".tmp-*")):
     shutil.rmtree(stale, ignore_errors=True)
   write_atomic(os.path.join(out_dir, "organs.json"),

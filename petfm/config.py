@@ -61,8 +61,7 @@ def parse_command_line(
   """Parses `--config FILE.py:ARG [--config.FIELD=VALUE ...]` plus the flags added by `define_flags`.
 
   Returns the parsed `FlagValues` (`.config` holds the locked ConfigDict). With `workdir` (its help text) a
-  required `--workdir` flag is added, checked to be a writable folder, and `config.data_dir` (if the config
-  has one) must hold a `petfm prepare` manifest. Bad flags, unknown config fields and unparsable values raise
+  required `--workdir` flag is added and checked to be (or become) a writable folder. Bad flags, unknown config fields and unparsable values raise
   `UserError`. `--help` prints the flags and raises SystemExit(0).
   """
   argv = [prog, *argv]
@@ -100,11 +99,9 @@ def parse_command_line(
     raise UserError("--config FILE.py:ARG is required")
   if workdir and not fv.workdir:
     raise UserError("--workdir is required")
-  if workdir:  # a trainer: its inputs and output folder are checked before the workdir gets any file
-    from petfm.data import checks, records
+  if workdir:  # a trainer: its output folder is checked before any work
+    from petfm.data import checks
     checks.output_dir(fv.workdir, "--workdir")
-    if "data_dir" in fv.config:
-      records.read_manifest(fv.config.data_dir)
   return fv
 
 

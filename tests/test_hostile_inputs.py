@@ -13,11 +13,12 @@ import gzip
 import io
 import json
 import os
-import resource
+import re
 import signal
 import struct
 import subprocess
 import sys
+import time
 import traceback
 import tracemalloc
 
@@ -179,6 +180,11 @@ def build_corpus(root: str) -> list[dict]:
     bad_file(kind, os.path.join(ct_dir, "seg.nii.gz"), volumes["SEG.nii.gz"])
     add(f"synthetic-seg-{kind}", ["synthetic", "--out", nothing, "--n", "1", "--workers", "1", "--from-ct",
                                   ct_dir], [IMAGE_CASES[kind], "seg.nii.gz"])
+  no_organs = os.path.join(root, "from_ct_seg", "no_organs")
+  save(os.path.join(no_organs, "ct.nii.gz"), volumes["CTres.nii.gz"])
+  save(os.path.join(no_organs, "seg.nii.gz"), np.zeros(SHAPE, np.uint8))
+  add("synthetic-seg-no-organs", ["synthetic", "--out", nothing, "--n", "2", "--workers", "1", "--from-ct",
+                                  no_organs], ["seg.nii.gz", "no lymph-node station"])
   ct_nan = bad_file("nan", os.path.join(root, "images", "ct_nan.nii.gz"), volumes["CTres.nii.gz"])
   add("segment-ct-nan", ["segment", "--image", os.path.join(good, "SUV.nii.gz"), "--ct", ct_nan, "--point",
                          "1,1,1", "--out", f"{nothing}/m.nii.gz", "--checkpoint", promptable],
@@ -252,6 +258,20 @@ def build_corpus(root: str) -> list[dict]:
   add("eval-clicks-no-manifest", ["eval-clicks", "--checkpoint", promptable, "--data_dir", no_manifest, "--out",
                                   nothing], ["no manifest.json"])
 
+  add("predict-incomplete-checkpoint", ["predict-lesions", "--checkpoint", finetuned, "--study", good, "--out",
+                                        f"{nothing}/m.nii.gz"], ["finetuned", "config.json"])
+
+  # ---- a few fuzzed images through the command line (the fuzz test below runs hundreds in-process)
+  rng = np.random.default_rng(99)
+  compressed = open(os.path.join(good, "SUV.nii.gz"), "rb").read()
+  for i in range(8):
+    what, data = _corrupt(rng, gzip.decompress(compressed), compressed)
+    image = os.path.join(root, "fuzzed", f"{i}.nii" if what.startswith("uncompressed") else f"{i}.nii.gz")
+    os.makedirs(os.path.dirname(image), exist_ok=True)
+    open(image, "wb").write(data)
+    add(f"segment-fuzzed-{i}", ["segment", "--image", image, "--point", "1,1,1", "--out", f"{nothing}/m.nii.gz",
+                                "--checkpoint", promptable], [])
+
   # ---- command-line details from the issue
   add("pretrain-bad-variant", ["pretrain", "--config", os.path.join(REPO, "experiments/fratmae.py:tinyy"),
                                "--workdir", nothing], ["unknown variant 'tinyy'"])
@@ -262,6 +282,9 @@ def build_corpus(root: str) -> list[dict]:
                                  "-1,10,10", "--out", f"{nothing}/m.nii.gz", "--checkpoint", promptable],
       ["'-1,10,10'", "outside the image"])
   return cases
+
+
+_PROGRESS = re.compile(r"^\w+: +\d+%\|")
 
 
 def _tree(root: str) -> set[str]:
@@ -277,13 +300,14 @@ def run_cases(cases_path: str, results_path: str) -> None:
   for case in cases:
     before = _tree(root)
     out, err, tb = io.StringIO(), io.StringIO(), ""
+    start = time.perf_counter()
     try:
       with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         rc = cli.main(case["argv"])
     except BaseException:  # noqa: BLE001  (what the test must never see)
       rc, tb = -1, traceback.format_exc()
     results.append({"rc": rc, "stdout": out.getvalue(), "stderr": err.getvalue(), "traceback": tb,
-                    "new": sorted(_tree(root) - before)})
+                    "new": sorted(_tree(root) - before), "seconds": time.perf_counter() - start})
   with open(results_path, "w") as f:
     json.dump(results, f)
 
@@ -312,7 +336,8 @@ def test_every_hostile_input_gives_one_line_exit_status_no_leftovers_bounded_mem
     results = json.load(f)
   failures = []
   for case, got in zip(cases, results):
-    lines = got["stderr"].strip().splitlines()
+    # Progress bars (tqdm, rewritten in place with \r) are not error lines.
+    lines = [line for line in got["stderr"].strip().splitlines() if not _PROGRESS.search(line)]
     problems = []
     if got["traceback"] or "Traceback" in got["stderr"]:
       problems.append(got["traceback"] or got["stderr"])

@@ -82,7 +82,11 @@ def predict_lesions(checkpoint: str, study_dir: str, out_path: str) -> tuple[int
   if saved["task"] != "lesions":
     raise UserError(f"--checkpoint {checkpoint}: was fine-tuned for {saved['task']}, not lesion segmentation")
   record = load_study(study_dir, saved["spacing"])  # every input check before the model is built
-  config, setup, params = finetune.load_finetuned(checkpoint)
+  try:
+    config, setup, params = finetune.load_finetuned(checkpoint)
+  except (KeyError, AttributeError, TypeError, ValueError) as e:  # a config.json with missing/odd fields
+    raise UserError(f"--checkpoint {checkpoint}: config.json does not describe a fine-tuned model "
+                    f"({type(e).__name__}: {checks.one_line(e)})") from None
   study = ddata.view_study(record, config.data)
   prob = finetune.predict_volume(config, setup, params, study)
   mask = geometry.to_original((prob >= config.eval.threshold).astype(np.uint8), study.affine,

@@ -289,8 +289,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
   # ------------------------------------------------------------------ set-up
   common.initialize_distributed(config)
+  spacing = records.read_manifest(config.data_dir)["spacing"]  # before the workdir gets a file
   os.makedirs(workdir, exist_ok=True)
-  spacing = records.read_manifest(config.data_dir)["spacing"]
   if jax.process_index() == 0:
     saved = config.to_dict()
     saved["spacing"] = spacing

@@ -107,6 +107,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
 
   # ------------------------------------------------------------------ set-up
   common.initialize_distributed(config)
+  manifest = records.read_manifest(config.data_dir)  # bad data: an error before the workdir gets a file
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
     records.write_atomic(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
@@ -116,7 +117,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   common.check_batch_divisible(config.batch_size, mesh, config.optim.accum_steps)
 
   # ------------------------------------------------------------------ data
-  manifest = records.read_manifest(config.data_dir)
   prompt_tokens = tokenize_words(manifest["prompts"], config.model.text_length)
   train_iter = iter(pipelines.slab_dataset(
       config.data_dir, "train", config.data, seed=config.seed, train=True,

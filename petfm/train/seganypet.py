@@ -250,6 +250,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
 
   # ------------------------------------------------------------------ set-up
   common.initialize_distributed(config)
+  records.read_manifest(config.data_dir)  # bad data: an error before the workdir gets a file
   os.makedirs(workdir, exist_ok=True)
   spec = model_spec(config)
   if jax.process_index() == 0:
