@@ -61,8 +61,8 @@ def parse_command_line(
   """Parses `--config FILE.py:ARG [--config.FIELD=VALUE ...]` plus the flags added by `define_flags`.
 
   Returns the parsed `FlagValues` (`.config` holds the locked ConfigDict). With `workdir` (its help text) a
-  required `--workdir` flag is added and checked to be (or become) a writable folder. Bad flags, unknown config fields and unparsable values raise
-  `UserError`. `--help` prints the flags and raises SystemExit(0).
+  required `--workdir` flag is added and checked to be (or become) a writable folder. Bad flags, unknown
+  config fields and unparsable values raise `UserError`. `--help` prints the flags and raises SystemExit(0).
   """
   argv = [prog, *argv]
   fv = flags.FlagValues()

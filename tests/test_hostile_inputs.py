@@ -30,7 +30,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPE = (12, 10, 14)
 AFFINE = np.diag([3.0, 3.0, 4.0, 1.0])
 PEAK_LIMIT_BYTES = 2**30
-IS_ROOT = os.geteuid() == 0  # root writes into read-only folders, so that case is only run as a user
+IS_ROOT = os.geteuid() == 0  # root writes into mode-555 folders
 
 # One wrapper process runs the command and reports the peak memory of its child (the command).
 _WRAPPER = ("import resource, subprocess, sys; rc = subprocess.run(sys.argv[1:]).returncode; "
@@ -127,6 +127,23 @@ def bad_file(kind: str, path: str, template: np.ndarray) -> str:
   return path
 
 
+def read_only_folder(root: str) -> str | None:
+  """A folder no file can be created in: a mode-555 one, or for root (who writes anyway) /sys where it is
+  mounted read-only; None if there is none."""
+  if not IS_ROOT:
+    folder = os.path.join(root, "read_only")
+    os.makedirs(folder)
+    os.chmod(folder, 0o555)
+    return folder
+  try:
+    with open("/sys/petfm-write-probe", "w"):
+      pass
+  except OSError:
+    return "/sys"
+  os.remove("/sys/petfm-write-probe")
+  return None
+
+
 # Broken NIfTI files → words their error line must hold.
 IMAGE_CASES = {
     "huge_32767": "memory", "huge_1024": "memory", "huge_nifti2": "memory", "lying": "header is wrong",
@@ -164,7 +181,8 @@ def build_corpus(root: str) -> list[dict]:
   for kind, words in IMAGE_CASES.items():
     image = bad_file(kind, os.path.join(root, "images", f"{kind}.nii.gz"), volumes["SUV.nii.gz"])
     add(f"segment-image-{kind}", ["segment", "--image", image, "--point", "1,1,1", "--out",
-                                  f"{nothing}/m.nii.gz", "--checkpoint", promptable], [words, f"{kind}.nii.gz"])
+                                  f"{nothing}/m.nii.gz", "--checkpoint", promptable],
+        [words, f"{kind}.nii.gz"])
     study = write_study(os.path.join(root, "studies", kind))
     bad_file(kind, os.path.join(study, "SUV.nii.gz"), volumes["SUV.nii.gz"])
     add(f"predict-{kind}", ["predict-lesions", "--checkpoint", finetuned, "--study", study, "--out",
@@ -213,7 +231,8 @@ def build_corpus(root: str) -> list[dict]:
       ["--output", "is a file, not a folder"])
   add("synthetic-out-is-file", ["synthetic", "--out", a_file, "--n", "1"], ["--out", "is a file"])
   add("segment-out-txt", ["segment", "--image", os.path.join(good, "SUV.nii.gz"), "--point", "1,1,1",
-                          "--out", f"{nothing}/mask.txt", "--checkpoint", promptable], ["mask.txt", ".nii.gz"])
+                          "--out", f"{nothing}/mask.txt", "--checkpoint", promptable],
+      ["mask.txt", ".nii.gz"])
   add("segment-out-is-folder", ["segment", "--image", os.path.join(good, "SUV.nii.gz"), "--point", "1,1,1",
                                 "--out", os.path.join(root, "images.nii.gz"), "--checkpoint", promptable],
       ["is a folder"])
@@ -223,7 +242,8 @@ def build_corpus(root: str) -> list[dict]:
   add("predict-out-under-file", ["predict-lesions", "--checkpoint", finetuned, "--study", good, "--out",
                                  f"{a_file}/m.nii.gz"], ["is a file, not a folder"])
   add("predict-promptable-checkpoint", ["predict-lesions", "--checkpoint", promptable, "--study", good,
-                                        "--out", f"{nothing}/m.nii.gz"], ["promptable model", "petfm segment"])
+                                        "--out", f"{nothing}/m.nii.gz"],
+      ["promptable model", "petfm segment"])
   add("eval-clicks-out-is-file", ["eval-clicks", "--checkpoint", promptable, "--data_dir", records, "--out",
                                   a_file], ["--out", "is a file"])
   pth = os.path.join(root, "weights.pth")
@@ -233,6 +253,8 @@ def build_corpus(root: str) -> list[dict]:
   add("convert-out-is-file", ["convert-sam-med3d", pth, a_file], ["is a file"])
   add("convert-garbage-pth", ["convert-sam-med3d", pth, nothing], ["weights.pth", "not a PyTorch"])
   add("convert-empty-pth", ["convert-sam-med3d", empty_pth, nothing], ["empty.pth"])
+
+  read_only = read_only_folder(root)
 
   # ---- records folders for the trainers and eval-clicks: no manifest, a corrupt manifest, workdir a file
   no_manifest = os.path.join(root, "no_manifest")
@@ -249,17 +271,24 @@ def build_corpus(root: str) -> list[dict]:
     add(f"{command}-bad-manifest", [command, "--config", config, "--workdir", nothing,
                                     f"--config.data_dir={bad_manifest}"], ["manifest.json", "cannot read"])
     add(f"{command}-workdir-is-file", [command, "--config", config, "--workdir", a_file], ["is a file"])
-    if not IS_ROOT:
-      read_only = os.path.join(root, "read_only")
-      os.makedirs(read_only, exist_ok=True)
-      os.chmod(read_only, 0o555)
+    if read_only:
       add(f"{command}-read-only-workdir", [command, "--config", config, "--workdir", f"{read_only}/w"],
           ["cannot write"])
-  add("eval-clicks-no-manifest", ["eval-clicks", "--checkpoint", promptable, "--data_dir", no_manifest, "--out",
-                                  nothing], ["no manifest.json"])
+  if read_only:
+    for command, flag_and_rest in [
+        ("prepare", ["--input", cohort, "--output", f"{read_only}/out"]),
+        ("synthetic", ["--n", "1", "--out", f"{read_only}/out"]),
+        ("segment", ["--image", os.path.join(good, "SUV.nii.gz"), "--point", "1,1,1", "--checkpoint",
+                     promptable, "--out", f"{read_only}/m.nii.gz"]),
+        ("predict-lesions", ["--checkpoint", finetuned, "--study", good, "--out", f"{read_only}/m.nii.gz"]),
+        ("eval-clicks", ["--checkpoint", promptable, "--data_dir", records, "--out", f"{read_only}/out"]),
+        ("convert-sam-med3d", [pth, f"{read_only}/out"])]:
+      add(f"{command}-read-only-output", [command, *flag_and_rest], ["cannot write", read_only])
+  add("eval-clicks-no-manifest", ["eval-clicks", "--checkpoint", promptable, "--data_dir", no_manifest,
+                                  "--out", nothing], ["no manifest.json"])
 
-  add("predict-incomplete-checkpoint", ["predict-lesions", "--checkpoint", finetuned, "--study", good, "--out",
-                                        f"{nothing}/m.nii.gz"], ["finetuned", "config.json"])
+  add("predict-incomplete-checkpoint", ["predict-lesions", "--checkpoint", finetuned, "--study", good,
+                                        "--out", f"{nothing}/m.nii.gz"], ["finetuned", "config.json"])
 
   # ---- a few fuzzed images through the command line (the fuzz test below runs hundreds in-process)
   rng = np.random.default_rng(99)
@@ -269,8 +298,8 @@ def build_corpus(root: str) -> list[dict]:
     image = os.path.join(root, "fuzzed", f"{i}.nii" if what.startswith("uncompressed") else f"{i}.nii.gz")
     os.makedirs(os.path.dirname(image), exist_ok=True)
     open(image, "wb").write(data)
-    add(f"segment-fuzzed-{i}", ["segment", "--image", image, "--point", "1,1,1", "--out", f"{nothing}/m.nii.gz",
-                                "--checkpoint", promptable], [])
+    add(f"segment-fuzzed-{i}", ["segment", "--image", image, "--point", "1,1,1", "--out",
+                                f"{nothing}/m.nii.gz", "--checkpoint", promptable], [])
 
   # ---- command-line details from the issue
   add("pretrain-bad-variant", ["pretrain", "--config", os.path.join(REPO, "experiments/fratmae.py:tinyy"),
@@ -370,19 +399,28 @@ def test_every_hostile_input_gives_one_line_exit_status_no_leftovers_bounded_mem
   assert [s["study_id"] for s in manifest["studies"]] == ["P_good/study"]
 
 
-def test_real_processes_huge_header_and_nan_image_exit_2_one_line(tmp_path):
-  """Two commands as separate processes (exit status and memory as the shell sees them)."""
-  study = write_study(str(tmp_path / "study"))
-  huge = header_only(str(tmp_path / "huge.nii.gz"), (1024,) * 3)
+def test_real_processes_with_huge_headers_exit_status_and_memory(tmp_path):
+  """The two commands of the issue's MemoryError as separate `petfm` processes (exit status as the shell sees
+  it): synthetic stops with one line; prepare reports the study, converts the good one and exits 1."""
+  os.makedirs(tmp_path / "ct")
+  header_only(str(tmp_path / "ct" / "huge_ct.nii.gz"), (1024,) * 3)
+  cohort = tmp_path / "cohort"
+  write_study(str(cohort / "P_good" / "study"))
+  write_study(str(cohort / "P_huge" / "study"))
+  header_only(str(cohort / "P_huge" / "study" / "SUV.nii.gz"), (32767,) * 3)
   petfm = [sys.executable, "-m", "petfm.cli"]
-  for args, words in [
-      (["synthetic", "--out", str(tmp_path / "out"), "--n", "1", "--from-ct", str(tmp_path)], "huge.nii.gz"),
-      (["prepare", "--input", str(tmp_path / "nowhere"), "--output", str(tmp_path / "out")], "no such folder")]:
-    result, peak = run_measured([*petfm, *args], timeout=120)
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert result.returncode == 2 and len(lines) == 1 and words in lines[0], result.stderr
-    assert peak < PEAK_LIMIT_BYTES and not os.path.exists(tmp_path / "out")
-  assert os.path.isfile(huge) and os.path.isdir(study)
+  result, peak = run_measured([*petfm, "synthetic", "--out", str(tmp_path / "out"), "--n", "1", "--from-ct",
+                               str(tmp_path / "ct")], timeout=120)
+  lines = result.stderr.strip().splitlines()
+  assert result.returncode == 2 and len(lines) == 1 and "huge_ct.nii.gz" in lines[0], result.stderr
+  assert "memory" in lines[0] and peak < PEAK_LIMIT_BYTES and not os.path.exists(tmp_path / "out")
+  result, peak = run_measured([*petfm, "prepare", "--input", str(cohort), "--output", str(tmp_path / "rec"),
+                               "--workers", "1"], timeout=120)
+  errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+  assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+  assert len(errors) == 1 and errors[0].startswith("error: study P_huge/study: SUV.nii.gz (PET): ")
+  assert "converted 1, skipped 0 (already converted), failed 1" in result.stdout
+  assert peak < PEAK_LIMIT_BYTES
 
 
 # ------------------------------------------------------------------------------------------------ fuzz

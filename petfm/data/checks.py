@@ -11,7 +11,7 @@
   study).
 - `one_line`: a library's multi-line message as one line.
 
-Memory limit: an image may cost at most `PETFM_MAX_IMAGE_BYTES` (default 4 GiB; suffixes K, M, G, T) and at
+Memory limit: an image may cost at most `PETFM_MAX_IMAGE_BYTES` (default 8 GiB; suffixes K, M, G, T) and at
 most half the memory available now (`MemAvailable`, or the cgroup limit if lower). The cost is estimated as
 voxels × (stored bytes per voxel + 8): the stored array plus one float64 working copy.
 """
@@ -31,7 +31,7 @@ import numpy as np
 from petfm.errors import UserError
 
 MAX_IMAGE_BYTES_ENV = "PETFM_MAX_IMAGE_BYTES"
-DEFAULT_MAX_IMAGE_BYTES = 4 * 2**30
+DEFAULT_MAX_IMAGE_BYTES = 8 * 2**30
 AVAILABLE_FRACTION = 0.5  # of the memory available when the image is opened
 WORKING_BYTES_PER_VOXEL = 8  # one float64 copy on top of the stored array
 GZIP_MAX_RATIO = 1100  # deflate's limit is 1032:1; a gzip file claiming more than this is truncated or lying
@@ -47,7 +47,7 @@ def one_line(message: object) -> str:
 
 
 def max_image_bytes() -> int:
-  """The configured per-image limit in bytes (`PETFM_MAX_IMAGE_BYTES`, e.g. `8G`; default 4 GiB)."""
+  """The configured per-image limit in bytes (`PETFM_MAX_IMAGE_BYTES`, e.g. `16G`; default 8 GiB)."""
   text = os.environ.get(MAX_IMAGE_BYTES_ENV, "").strip()
   if not text:
     return DEFAULT_MAX_IMAGE_BYTES

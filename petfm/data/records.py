@@ -122,6 +122,7 @@ def read_manifest(data_dir: str) -> dict[str, Any]:
       manifest = json.load(f)
   except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
     raise UserError(f"{path}: cannot read ({' '.join(str(e).split())})") from None
-  if not isinstance(manifest, dict) or manifest.get("format") != "petfm-records" or manifest.get("version") != FORMAT_VERSION:
+  if (not isinstance(manifest, dict) or manifest.get("format") != "petfm-records"
+      or manifest.get("version") != FORMAT_VERSION):
     raise UserError(f"{path}: not a petfm records manifest of version {FORMAT_VERSION}")
   return manifest

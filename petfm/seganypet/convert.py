@@ -136,7 +136,8 @@ def save(out_dir: str, variables: Mapping[str, Any], config: sam3d.Sam3DConfig) 
   try:
     with ocp.StandardCheckpointer() as checkpointer:
       checkpointer.save(os.path.join(out_dir, "variables"), dict(variables))
-    records.write_atomic(os.path.join(out_dir, "config.json"), json.dumps(dataclasses.asdict(config), indent=1))
+    records.write_atomic(os.path.join(out_dir, "config.json"),
+                         json.dumps(dataclasses.asdict(config), indent=1))
   except BaseException:  # no half-written checkpoint: what this call created goes
     shutil.rmtree(out_dir if created else os.path.join(out_dir, "variables"), ignore_errors=True)
     raise
