@@ -66,7 +66,8 @@ STAGING = ".staging"
 CT_FILL_HU = -1024
 # Bump when the stored arrays change for the same input and config, so staged studies are not reused.
 CONVERTER_VERSION = 1
-# Lesion label values each layout allows: autoPET masks are binary, HECKTOR has 1 GTVp and 2 GTVn.
+# Lesion label values each layout allows: autoPET masks are binary, HECKTOR has 1 GTVp and 2 GTVn (other
+# sources: any uint8 value).
 LABEL_VALUES = {"autopet": (0, 1), "nnunet": (0, 1), "hecktor": (0, 1, 2)}
 _LAYOUT_HINTS = {
     "autopet": "<patient>/<study>/ with CTres.nii.gz, SUV.nii.gz, SEG.nii.gz",
@@ -380,7 +381,7 @@ def convert_study(job: Job, config: ml_collections.ConfigDict) -> dict[str, Any]
   label = np.zeros(grid[1], np.uint8)
   if os.path.exists(study.label) or config.require_label:
     label_image = _as_labels(load_image(study.label, "label", study.study_id), _where(study, "label"),
-                             LABEL_VALUES[study.source])
+                             LABEL_VALUES.get(study.source, range(256)))
     if not np.any(label_image.dataobj) and not config.allow_empty_label:
       raise UserError(
           f"{_where(study, 'label')}: the lesion mask is empty (all zeros); if this is a negative control "
