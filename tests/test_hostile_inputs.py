@@ -262,6 +262,15 @@ def build_corpus(root: str) -> list[dict]:
   bad_manifest = os.path.join(root, "bad_manifest")
   os.makedirs(bad_manifest)
   open(os.path.join(bad_manifest, "manifest.json"), "w").write('{"format": "petfm-rec')
+  incomplete = os.path.join(root, "incomplete_manifest")
+  os.makedirs(incomplete)
+  json.dump({"format": "petfm-records", "version": 1}, open(os.path.join(incomplete, "manifest.json"), "w"))
+  garbage_checkpoint = os.path.join(root, "garbage_checkpoint")  # a converted SAM-Med3D folder, broken
+  os.makedirs(os.path.join(garbage_checkpoint, "variables"))
+  open(os.path.join(garbage_checkpoint, "config.json"), "w").write("{not json")
+  pretrained = os.path.join(root, "pretrained")  # a pretraining workdir whose config.json lacks fields
+  os.makedirs(os.path.join(pretrained, "checkpoints"))
+  json.dump({"model": {}}, open(os.path.join(pretrained, "config.json"), "w"))
   trainers = {"pretrain": "experiments/fratmae.py:tiny", "sweep": "experiments/fratmae.py:tiny",
               "finetune": "experiments/finetune.py:tiny", "train-seganypet": "experiments/seganypet.py:tiny"}
   for command, config in trainers.items():
@@ -270,6 +279,8 @@ def build_corpus(root: str) -> list[dict]:
                                    f"--config.data_dir={no_manifest}"], ["no_manifest", "no manifest.json"])
     add(f"{command}-bad-manifest", [command, "--config", config, "--workdir", nothing,
                                     f"--config.data_dir={bad_manifest}"], ["manifest.json", "cannot read"])
+    add(f"{command}-incomplete-manifest", [command, "--config", config, "--workdir", nothing,
+                                           f"--config.data_dir={incomplete}"], ["incomplete manifest"])
     add(f"{command}-workdir-is-file", [command, "--config", config, "--workdir", a_file], ["is a file"])
     if read_only:
       add(f"{command}-read-only-workdir", [command, "--config", config, "--workdir", f"{read_only}/w"],
@@ -284,6 +295,18 @@ def build_corpus(root: str) -> list[dict]:
         ("eval-clicks", ["--checkpoint", promptable, "--data_dir", records, "--out", f"{read_only}/out"]),
         ("convert-sam-med3d", [pth, f"{read_only}/out"])]:
       add(f"{command}-read-only-output", [command, *flag_and_rest], ["cannot write", read_only])
+  # finetune reads init_from first; train-seganypet fails later (the one-study records have no training
+  # split), after writing config.json and model.json into the workdir, which must go again.
+  for command, config, words in (
+      ("finetune", "experiments/finetune.py:tiny", ["--config.init_from", "config.json"]),
+      ("train-seganypet", "experiments/seganypet.py:tiny,backbone=fratmae_twin", ["no training examples"])):
+    add(f"{command}-bad-init-from", [command, "--config", os.path.join(REPO, config), "--workdir", nothing,
+                                     f"--config.data_dir={records}", f"--config.init_from={pretrained}"], words)
+  add("segment-garbage-checkpoint", ["segment", "--image", os.path.join(good, "SUV.nii.gz"), "--point",
+                                     "1,1,1", "--out", f"{nothing}/m.nii.gz", "--checkpoint",
+                                     garbage_checkpoint], ["config.json", "cannot read"])
+  add("eval-clicks-garbage-checkpoint", ["eval-clicks", "--checkpoint", garbage_checkpoint, "--data_dir",
+                                         records, "--out", nothing], ["config.json", "cannot read"])
   add("eval-clicks-no-manifest", ["eval-clicks", "--checkpoint", promptable, "--data_dir", no_manifest,
                                   "--out", nothing], ["no manifest.json"])
 

@@ -7,8 +7,10 @@
 - `check_finite`, `check_labels`: voxel values (NaN/inf; label values allowed by the layout).
 - `output_file`, `output_dir`: an output path is checked before work starts (right extension, not a
   folder / not a file, a writable folder), so no run fails at its last step.
+- `discarded_on_error`: a workdir made by a run that fails before its first checkpoint is removed again.
 - `walk`: the folders under a root, each visited once by its real path (symlink loops, links to the same
   study).
+- `read_json`: a JSON object with required fields (a workdir's config.json).
 - `one_line`: a library's multi-line message as one line.
 
 Memory limit: an image may cost at most `PETFM_MAX_IMAGE_BYTES` (default 8 GiB; suffixes K, M, G, T) and at
@@ -18,12 +20,16 @@ voxels × (stored bytes per voxel + 8): the stored array plus one float64 workin
 
 from __future__ import annotations
 
+import contextlib
 import gzip
+import json
 import os
 import re
+import shutil
 import tempfile
 import warnings
 from collections.abc import Collection, Iterator, Sequence
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -211,6 +217,25 @@ def check_labels(data: np.ndarray, where: str, allowed: Collection[int], meaning
     raise UserError(f"{where}: label value(s) {shown} not allowed; expected {span}{meaning}")
 
 
+def read_json(path: str, what: str, fields: Sequence[str] = ()) -> dict[str, Any]:
+  """The JSON object in `path` (e.g. a workdir's config.json); `UserError` naming `what` and the file when it is
+  unreadable, not an object, or lacks one of the dotted `fields` (e.g. `"data.view"`)."""
+  try:
+    with open(path) as f:
+      value = json.load(f)
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise UserError(f"{what} {path}: cannot read ({one_line(e)})") from None
+  if not isinstance(value, dict):
+    raise UserError(f"{what} {path}: expected a JSON object")
+  for field in fields:
+    node: Any = value
+    for part in field.split("."):
+      if not isinstance(node, dict) or part not in node:
+        raise UserError(f"{what} {path}: has no field {field!r}")
+      node = node[part]
+  return value
+
+
 def _writable_folder(folder: str, what: str) -> None:
   """`UserError` unless files can be created in the existing folder `folder` (a real write probe)."""
   try:
@@ -259,6 +284,20 @@ def output_file(path: str, what: str, suffixes: Sequence[str] = NIFTI_SUFFIXES) 
   else:
     _writable_folder(_nearest_existing(path, f"{what} {path}"), f"{what} {path}")
   return path
+
+
+@contextlib.contextmanager
+def discarded_on_error(folder: str, names: Collection[str] = ("config.json", "model.json")) -> Iterator[None]:
+  """Removes `folder` again when the body raises, if `folder` did not exist before and holds nothing but files
+  called `names` (a trainer's workdir that got its config files, then failed before any checkpoint)."""
+  new = "://" not in folder and not os.path.exists(folder)
+  try:
+    yield
+  except BaseException:
+    if new and os.path.isdir(folder) and all(
+        name in names for _, _, files in os.walk(folder) for name in files):
+      shutil.rmtree(folder, ignore_errors=True)
+    raise
 
 
 def walk(root: str) -> Iterator[tuple[str, list[str]]]:

@@ -125,4 +125,7 @@ def read_manifest(data_dir: str) -> dict[str, Any]:
   if (not isinstance(manifest, dict) or manifest.get("format") != "petfm-records"
       or manifest.get("version") != FORMAT_VERSION):
     raise UserError(f"{path}: not a petfm records manifest of version {FORMAT_VERSION}")
+  missing = [k for k in ("spacing", "splits", "studies", "prompts") if k not in manifest]
+  if missing:
+    raise UserError(f"{path}: incomplete manifest, no {', '.join(missing)}; convert again with `petfm prepare`")
   return manifest

@@ -9,7 +9,6 @@ nearest neighbour), so the mask has the shape and affine of the input PET and ov
 
 from __future__ import annotations
 
-import json
 import os
 
 import nibabel as nib
@@ -48,18 +47,7 @@ def check_checkpoint(checkpoint: str) -> dict:
   path = os.path.join(checkpoint, "config.json")
   if not os.path.isfile(path):
     raise UserError(f"--checkpoint {checkpoint}: no config.json; expected a `petfm finetune` workdir")
-  try:
-    with open(path) as f:
-      saved = json.load(f)
-  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise UserError(f"--checkpoint {path}: cannot read ({checks.one_line(e)})") from None
-  model, data = (saved.get(k) if isinstance(saved, dict) else None for k in ("model", "data"))
-  if not (isinstance(saved, dict) and "task" in saved and isinstance(model, dict) and isinstance(data, dict)
-          and isinstance(model.get("patch_size"), list) and isinstance(data.get("plane_size"), list)
-          and "spacing" in saved):
-    raise UserError(f"--checkpoint {path}: not the config of a `petfm finetune` run (needs task, spacing, "
-                    "model.patch_size, data.plane_size)")
-  return saved
+  return checks.read_json(path, "--checkpoint", ("task", "spacing", "model.patch_size", "data.plane_size"))
 
 
 def check_study(study_dir: str) -> None:

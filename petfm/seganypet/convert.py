@@ -148,8 +148,7 @@ def load(checkpoint_dir: str) -> tuple[sam3d.Sam3DConfig, dict[str, Any]]:
   config_path = os.path.join(checkpoint_dir, "config.json")
   if not os.path.isfile(config_path):
     raise UserError(f"{checkpoint_dir}: no config.json; not a converted SAM-Med3D checkpoint")
-  with open(config_path) as f:
-    fields = json.load(f)
+  fields = checks.read_json(config_path, "--checkpoint")
   fields["global_attn_indexes"] = tuple(fields.get("global_attn_indexes", ()))
   try:
     config = sam3d.Sam3DConfig(**fields)

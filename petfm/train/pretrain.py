@@ -24,7 +24,7 @@ import optax
 from jax.sharding import Mesh
 
 from petfm import config as config_lib
-from petfm.data import pipelines, records
+from petfm.data import checks, pipelines, records
 from petfm.errors import UserError
 from petfm.eval import probe
 from petfm.models import fratmae
@@ -241,6 +241,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float
 def main(argv: list[str]) -> int:
   parsed = config_lib.parse_command_line(
       argv, "pretrain", workdir="output folder: checkpoints, TensorBoard events, images")
-  metrics = train(parsed.config, parsed.workdir)
+  with checks.discarded_on_error(parsed.workdir):
+    metrics = train(parsed.config, parsed.workdir)
   print(json.dumps({k: round(v, 6) for k, v in metrics.items()}))
   return 0
