@@ -209,11 +209,14 @@ def build_corpus(root: str) -> list[dict]:
       ["--ct", "NaN"])
 
   # ---- prepare: every broken file as one study's SUV (labels: SEG), beside a good study; links that loop
-  # back and a second link to the good study. One line per bad study, exit 1, the good study once.
+  # back, a second link to the good study, a hidden temp folder. One line per bad study, exit 1, the good
+  # study once.
   cohort = os.path.join(root, "cohort")
   write_study(os.path.join(cohort, "P_good", "study"))
   os.symlink("..", os.path.join(cohort, "P_good", "loop"))
   os.symlink(os.path.join(cohort, "P_good"), os.path.join(cohort, "P_alias"))
+  partial = write_study(os.path.join(cohort, ".tmp-synth_0009-77"))  # a killed writer's hidden temp folder
+  bad_file("truncated", os.path.join(partial, "SUV.nii.gz"), volumes["SUV.nii.gz"])
   bad_studies = {}
   for kind, words in [*IMAGE_CASES.items(), ("label_2", "label value(s) 2 not allowed")]:
     study = write_study(os.path.join(cohort, f"P_{kind}", "study"))

@@ -87,7 +87,7 @@ def available_memory() -> int | None:
 def memory_limit() -> tuple[int, str]:
   """(bytes one image may cost, what sets that limit) — the smaller of the configured limit and half the
   available memory."""
-  limit, why = max_image_bytes(), f"{MAX_IMAGE_BYTES_ENV}"
+  limit, why = max_image_bytes(), MAX_IMAGE_BYTES_ENV
   available = available_memory()
   if available is not None and AVAILABLE_FRACTION * available < limit:
     limit, why = int(AVAILABLE_FRACTION * available), "half the memory available now"
@@ -95,11 +95,11 @@ def memory_limit() -> tuple[int, str]:
 
 
 def _size(n: float) -> str:
-  for unit in ("bytes", "KiB", "MiB", "GiB", "TiB", "PiB"):
-    if n < 1024 or unit == "PiB":
-      return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
-    n /= 1024
-  raise AssertionError
+  units = ("bytes", "KiB", "MiB", "GiB", "TiB", "PiB")
+  power = 0
+  while n >= 1024 and power < len(units) - 1:
+    n, power = n / 1024, power + 1
+  return f"{n:.0f} bytes" if power == 0 else f"{n:.1f} {units[power]}"
 
 
 def _mm(values: Sequence[float]) -> str:
@@ -146,8 +146,8 @@ def nifti_header(path: str, where: str) -> nib.Nifti1Image:
     raise UserError(f"{where}: has shape {shape} ({len(shape)}-D); expected a 3-D volume")
   if min(shape) <= 0:
     raise UserError(f"{where}: has shape {shape} with an empty axis")
-  stored = int(np.prod(shape, dtype=object)) * dtype.itemsize
-  cost = int(np.prod(shape, dtype=object)) * (dtype.itemsize + WORKING_BYTES_PER_VOXEL)
+  voxels = int(np.prod(shape, dtype=object))  # Python ints: no overflow for any header
+  stored, cost = voxels * dtype.itemsize, voxels * (dtype.itemsize + WORKING_BYTES_PER_VOXEL)
   limit, why = memory_limit()
   if cost > limit:
     raise UserError(f"{where}: a {'×'.join(map(str, shape))} {dtype} volume needs about {_size(cost)} of "
@@ -301,9 +301,9 @@ def discarded_on_error(folder: str, names: Collection[str] = ("config.json", "mo
 
 
 def walk(root: str) -> Iterator[tuple[str, list[str]]]:
-  """(folder, sorted file names) for `root` and every folder below it, following symlinks but visiting each
-  real folder once: a `loop -> ..` link adds nothing, and a folder reachable both directly and through a link
-  is yielded under its direct path (links are followed after every folder without them)."""
+  """(folder, sorted file names) for `root` and every non-hidden folder below it, following symlinks but
+  visiting each real folder once: a `loop -> ..` link adds nothing, and a folder reachable both directly and
+  through a link is yielded under its direct path (links are followed after every folder without them)."""
   seen: set[str] = set()
   links: list[str] = []
 
@@ -324,7 +324,7 @@ def walk(root: str) -> Iterator[tuple[str, list[str]]]:
         try:
           if not entry.is_dir():
             files.append(entry.name)
-          else:
+          elif not entry.name.startswith("."):  # hidden: .staging, .tmp-* of an unfinished write, .git
             (links if entry.is_symlink() else stack).append(entry.path)
         except OSError:
           continue
