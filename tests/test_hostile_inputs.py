@@ -30,6 +30,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPE = (12, 10, 14)
 AFFINE = np.diag([3.0, 3.0, 4.0, 1.0])
 PEAK_LIMIT_BYTES = 2**30
+CASE_TIMEOUT_S = 60  # a corpus case still running after this long has hung
 IS_ROOT = os.geteuid() == 0  # root writes into mode-555 folders
 
 # One wrapper process runs the command and reports the peak memory of its child (the command).
@@ -339,6 +340,10 @@ def build_corpus(root: str) -> list[dict]:
   return cases
 
 
+class _Hang(Exception):
+  pass
+
+
 _PROGRESS = re.compile(r"^\w+: +\d+%\|")
 
 
@@ -349,6 +354,11 @@ def _tree(root: str) -> set[str]:
 def run_cases(cases_path: str, results_path: str) -> None:
   """Child process: runs every case through `petfm.cli.main`, capturing its output and what it left."""
   from petfm import cli
+
+  def hung(signum, frame):
+    raise _Hang(f"still running after {CASE_TIMEOUT_S} s")
+
+  signal.signal(signal.SIGALRM, hung)
   with open(cases_path) as f:
     root, cases = json.load(f)
   results = []
@@ -356,11 +366,14 @@ def run_cases(cases_path: str, results_path: str) -> None:
     before = _tree(root)
     out, err, tb = io.StringIO(), io.StringIO(), ""
     start = time.perf_counter()
+    signal.alarm(CASE_TIMEOUT_S)
     try:
       with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         rc = cli.main(case["argv"])
-    except BaseException:  # noqa: BLE001  (what the test must never see)
+    except BaseException:  # noqa: BLE001  (what the test must never see, a hang included)
       rc, tb = -1, traceback.format_exc()
+    finally:
+      signal.alarm(0)
     results.append({"rc": rc, "stdout": out.getvalue(), "stderr": err.getvalue(), "traceback": tb,
                     "new": sorted(_tree(root) - before), "seconds": time.perf_counter() - start})
   with open(results_path, "w") as f:
@@ -487,10 +500,6 @@ def _corrupt(rng: np.random.Generator, raw: bytes, compressed: bytes) -> tuple[s
   if kind == 3:  # truncation at a random point
     return "truncated", compressed[:rng.integers(0, len(compressed))]
   return "uncompressed, truncated", raw[:rng.integers(0, len(raw) + 1)]  # written as .nii
-
-
-class _Hang(Exception):
-  pass
 
 
 def test_fuzzed_study_files_never_crash_hang_or_grow_memory(tmp_path, monkeypatch):
