@@ -39,7 +39,6 @@ import collections
 import concurrent.futures
 import csv
 import dataclasses
-import glob
 import hashlib
 import json
 import math
@@ -48,7 +47,7 @@ import os
 import re
 import shutil
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from typing import Any
 
 import ml_collections
@@ -60,7 +59,7 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from petfm.config import check, check_choice, parse_command_line
-from petfm.data import dicom, geometry, records
+from petfm.data import checks, dicom, geometry, records
 from petfm.data.nifti import load_image
 from petfm.data.text import make_prompt
 from petfm.errors import UserError
@@ -72,6 +71,9 @@ STAGING = ".staging"
 CT_FILL_HU = -1024
 # Bump when the stored arrays change for the same input and config, so staged studies are not reused.
 CONVERTER_VERSION = 1
+# Lesion label values each layout allows: autoPET masks are binary, HECKTOR has 1 GTVp and 2 GTVn (other
+# sources: any uint8 value).
+LABEL_VALUES = {"autopet": (0, 1), "nnunet": (0, 1), "hecktor": (0, 1, 2)}
 _LAYOUT_HINTS = {
     "autopet": "<patient>/<study>/ with CTres.nii.gz, SUV.nii.gz, SEG.nii.gz",
     "nnunet": "imagesTr/<case>_0000.nii.gz (CT) and <case>_0001.nii.gz (PET) with labelsTr/<case>.nii.gz",
@@ -120,8 +122,7 @@ def find_studies(input_dir: str, layout: str = "auto") -> tuple[str, list[Study]
 
 def _find_autopet(root: str) -> list[Study]:
   names = ("CTres.nii.gz", "SUV.nii.gz", "SEG.nii.gz")
-  folders = sorted({os.path.dirname(path) for name in names
-                    for path in glob.glob(os.path.join(glob.escape(root), "**", name), recursive=True)})
+  folders = sorted(folder for folder, files in checks.walk(root) if any(n in files for n in names))
   studies = []
   for folder in folders:
     parts = os.path.relpath(folder, root).split(os.sep)
@@ -161,7 +162,7 @@ _HECKTOR_IMAGE = re.compile(r"^(.+)__(CT|PT)\.nii\.gz$")
 
 
 def _find_hecktor(root: str) -> list[Study]:
-  cases = sorted({(folder, m.group(1)) for folder, _, names in os.walk(root)
+  cases = sorted({(folder, m.group(1)) for folder, names in checks.walk(root)
                   for name in names if (m := _HECKTOR_IMAGE.match(name))})
   studies = []
   for folder, case in cases:
@@ -407,7 +408,8 @@ def convert_study(job: Job, config: ml_collections.ConfigDict) -> dict[str, Any]
   ct = np.clip(np.rint(ct), np.iinfo(np.int16).min, np.iinfo(np.int16).max).astype(np.int16)
   label = np.zeros(grid[1], np.uint8)
   if study.label and (os.path.exists(study.label) or config.require_label):  # '' = none in this layout
-    label_image = _as_labels(load_image(study.label, "label", study.study_id), _where(study, "label"))
+    label_image = _as_labels(load_image(study.label, "label", study.study_id), _where(study, "label"),
+                             LABEL_VALUES.get(study.source, range(256)))
     if not np.any(label_image.dataobj) and not config.allow_empty_label:
       raise UserError(
           f"{_where(study, 'label')}: the lesion mask is empty (all zeros); if this is a negative control "
@@ -415,7 +417,8 @@ def convert_study(job: Job, config: ml_collections.ConfigDict) -> dict[str, Any]
     label = _onto_grid(label_image, study, "label", reference, grid, config, order=0, cval=0)
   organs = np.zeros(grid[1], np.uint8)
   if study.organs:
-    organ_image = _as_labels(load_image(study.organs, "organs", study.study_id), _where(study, "organs"))
+    organ_image = _as_labels(load_image(study.organs, "organs", study.study_id), _where(study, "organs"),
+                             range(256))
     organs = _onto_grid(organ_image, study, "organs", reference, grid, config, order=0, cval=0)
   lesions, count = ndimage.label(label > 0, structure=np.ones((3, 3, 3), bool))
   if count > np.iinfo(np.uint16).max:
@@ -475,12 +478,10 @@ def _where(study: Study, role: str) -> str:
   return f"study {study.study_id}: {os.path.basename(path)} ({role})"
 
 
-def _as_labels(image: nib.Nifti1Image, where: str) -> nib.Nifti1Image:
-  """The image with uint8 data; raises `UserError` unless every voxel is an integer in 0..255."""
+def _as_labels(image: nib.Nifti1Image, where: str, allowed: Collection[int]) -> nib.Nifti1Image:
+  """The image with uint8 data; raises `UserError` unless every voxel is an integer in `allowed`."""
   data = np.asanyarray(image.dataobj)
-  low, high = data.min(), data.max()
-  if low < 0 or high > 255 or (data.dtype.kind == "f" and not np.array_equal(data, np.round(data))):
-    raise UserError(f"{where}: label values must be integers in 0..255 (found {low:g}..{high:g})")
+  checks.check_labels(data, where, allowed)
   return nib.Nifti1Image(data.astype(np.uint8), image.affine, image.header)
 
 
@@ -531,6 +532,7 @@ def convert(input_dir: str, output_dir: str, config: ml_collections.ConfigDict, 
   Studies converted by an earlier run with the same input files and config are reused, not reconverted.
   """
   check_config(config)
+  checks.output_dir(output_dir, "--output")
   layout, studies = find_studies(input_dir, config.layout)
   jobs, errors = plan_jobs(studies, config)
   for line in errors:
@@ -592,6 +594,8 @@ def _stage(job: Job, config: dict[str, Any], path: str) -> str | None:
     record = convert_study(job, ml_collections.ConfigDict(config))
   except UserError as e:
     return str(e)
+  except MemoryError:
+    return f"study {job.study.study_id}: not enough memory to convert it"
   write_array_record(path, [records.encode(record)])
   return None
 

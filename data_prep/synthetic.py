@@ -28,7 +28,6 @@ and a rerun skips the finished ones.
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import dataclasses
 import glob
@@ -48,8 +47,9 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from data_prep import anatomy
+from petfm.data import checks
 from petfm.data.records import write_atomic
-from petfm.errors import UserError
+from petfm.errors import ArgumentParser, UserError
 
 PSF_FWHM_MM = 6.5
 LESION_SUV = (3.0, 20.0)
@@ -221,20 +221,37 @@ def make_study(seed: int, index: int, scale: float = 1.0, prefix: str = "synth")
 
 
 def find_ct_pair(folder: str) -> tuple[str, str]:
-  """(CT, organ label map) in `folder`: a CT NIfTI and a TotalSegmentator map of the same shape and affine."""
+  """(CT, organ label map) in `folder`: a CT NIfTI and a TotalSegmentator map of the same shape and affine.
+
+  Headers only (`checks.nifti_header`); a file that is not a usable 3-D NIfTI is a `UserError` naming it.
+  """
   if not os.path.isdir(folder):
     raise UserError(f"--from-ct {folder}: no such folder")
   paths = sorted(glob.glob(os.path.join(glob.escape(folder), "*.nii*")))
   is_label = lambda p: re.search(r"seg|label|mask", os.path.basename(p), re.IGNORECASE)  # noqa: E731
+  headers = {p: checks.nifti_header(p, f"--from-ct {p}") for p in paths}
   for ct_path in (p for p in paths if not is_label(p)):
-    ct = nib.load(ct_path)
+    ct = headers[ct_path]
     for seg_path in (p for p in paths if is_label(p)):
-      seg = nib.load(seg_path)
+      seg = headers[seg_path]
       if seg.shape == ct.shape and np.allclose(seg.affine, ct.affine, atol=1e-3):
         return ct_path, seg_path
   raise UserError(f"--from-ct {folder}: found no CT with a TotalSegmentator label map on the same grid "
                   f"(expected e.g. example_ct.nii.gz + example_seg*.nii.gz of the same shape and affine; "
                   f"found {', '.join(os.path.basename(p) for p in paths) or 'no NIfTI files'})")
+
+
+def load_ct_pair(ct_path: str, seg_path: str) -> tuple[nib.Nifti1Image, np.ndarray]:
+  """(canonical CT image with float32 HU, canonical uint8 TotalSegmentator labels); `UserError` for
+  unreadable files, NaN/inf CT voxels or label values outside 0..255."""
+  ct_where, seg_where = f"--from-ct {ct_path}", f"--from-ct {seg_path}"
+  ct_image = nib.as_closest_canonical(checks.nifti_header(ct_path, ct_where))
+  hu = checks.read_voxels(ct_image, ct_where, np.float32)
+  checks.check_finite(hu, ct_where)
+  seg_image = nib.as_closest_canonical(checks.nifti_header(seg_path, seg_where))
+  ts = checks.read_voxels(seg_image, seg_where)
+  checks.check_labels(ts, seg_where, range(256))
+  return nib.Nifti1Image(hu, ct_image.affine, ct_image.header), ts.astype(np.uint8)
 
 
 def _ts_mask(labels: np.ndarray, *names: str) -> np.ndarray:
@@ -278,18 +295,17 @@ def make_study_from_ct(ct_path: str, seg_path: str, seed: int, index: int) -> Sy
   rng = np.random.default_rng([seed, index])
   prefix = re.sub(r"\W+", "_", os.path.basename(ct_path).split(".nii")[0])
   meta = _draw_subject(rng, index, prefix)
-  ct_image = nib.as_closest_canonical(nib.load(ct_path))
-  ts = np.asarray(nib.as_closest_canonical(nib.load(seg_path)).dataobj)
-  if ts.min() < 0 or ts.max() > 255:
-    raise UserError(f"--from-ct {seg_path}: label values must be in 0..255")
-  ts = ts.astype(np.uint8)
-  hu = np.asarray(ct_image.dataobj, np.float32)
+  ct_image, ts = load_ct_pair(ct_path, seg_path)
+  hu = np.asarray(ct_image.dataobj)
   spacing = np.array(ct_image.header.get_zooms()[:3], np.float64)
   names = [anatomy.TOTALSEG_LABELS.get(i, "") for i in range(256)]
   lut = np.array([anatomy.organ_from_totalseg(name) for name in names], np.uint8)
   organs = nodal_stations_from_ct(ts, lut[ts], hu, spacing)
   suv_true = organ_suv(rng, meta["tracer"], organs, hu)
-  seg, stage = add_lesions(rng, organs, hu, suv_true, spacing)
+  try:
+    seg, stage = add_lesions(rng, organs, hu, suv_true, spacing)
+  except UserError as e:
+    raise UserError(f"--from-ct {seg_path}: {e}") from None
   meta.update(ann_arbor_stage=stage, spacing_mm=spacing.round(4).tolist(),
               source_ct=os.path.basename(ct_path))
   ct = np.clip(np.rint(hu), -1024, 3071).astype(np.int16)
@@ -338,11 +354,23 @@ def generate(out_dir: str, n: int, seed: int = 0, workers: int = 1, scale: float
     raise UserError(f"--workers={workers}: must be ≥ 1")
   if not 0.05 <= scale <= 2:
     raise UserError(f"--scale={scale}: must be in [0.05, 2]")
-  if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-    raise UserError(f"--out {out_dir}: is a file, expected a folder")
+  checks.output_dir(out_dir, "--out")
   ct_pair = find_ct_pair(from_ct) if from_ct is not None else None
+  if ct_pair:
+    load_ct_pair(*ct_pair)  # every check on the voxels before anything is written
   prefix = re.sub(r"\W+", "_", os.path.basename(ct_pair[0]).split(".nii")[0]) if ct_pair else "synth"
+  created = not os.path.exists(out_dir)
   os.makedirs(out_dir, exist_ok=True)
+  try:
+    return _generate_all(out_dir, n, seed, workers, scale, ct_pair, prefix, progress)
+  except BaseException:  # a folder this call made and filled with nothing but organs.json goes again
+    if created and os.listdir(out_dir) == ["organs.json"]:
+      shutil.rmtree(out_dir, ignore_errors=True)
+    raise
+
+
+def _generate_all(out_dir: str, n: int, seed: int, workers: int, scale: float,
+                  ct_pair: tuple[str, str] | None, prefix: str, progress: bool) -> list[str]:
   for stale in glob.glob(os.path.join(glob.escape(out_dir), ".tmp-*")):
     shutil.rmtree(stale, ignore_errors=True)
   write_atomic(os.path.join(out_dir, "organs.json"),
@@ -370,14 +398,10 @@ def generate(out_dir: str, n: int, seed: int = 0, workers: int = 1, scale: float
 
 
 # -------------------------------------------------------------------------------------------------- CLI
-class _Parser(argparse.ArgumentParser):
-  def error(self, message: str) -> None:  # one line via UserError instead of usage + exit
-    raise UserError(f"command line: {message}")
-
-
 def main(argv: Sequence[str]) -> int:
   """`petfm synthetic`: writes the cohort; returns 0 (UserError → exit 2 in petfm.cli)."""
-  parser = _Parser(prog="petfm synthetic", description="Synthetic whole-body PET/CT cohort (autoPET layout).")
+  parser = ArgumentParser(prog="petfm synthetic",
+                          description="Synthetic whole-body PET/CT cohort (autoPET layout).")
   parser.add_argument("--out", required=True, help="output folder")
   parser.add_argument("--n", type=int, default=40, help="number of studies")
   parser.add_argument("--seed", type=int, default=0, help="cohort seed; study i depends on (seed, i) only")

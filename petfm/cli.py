@@ -2,7 +2,9 @@
 
 Every sub-command lives in its own module as `main(argv: list[str]) -> int`; it is imported lazily so
 that `petfm --help` is instant and a missing optional dependency only affects its own command.
-A `petfm.errors.UserError` raised anywhere becomes one error line and exit status 2.
+A `petfm.errors.UserError` raised anywhere becomes one error line and exit status 2; so do a `MemoryError`
+and an `OSError` (a file that cannot be read or written), as a safety net behind the checks in
+`petfm.data.checks`.
 """
 
 import importlib
@@ -48,7 +50,15 @@ def main(argv: list[str] | None = None) -> int:
   try:
     return int(func(rest) or 0)
   except UserError as e:
-    print(f"petfm {name}: error: {e}", file=sys.stderr)
+    print(f"petfm {name}: error: {' '.join(str(e).split())}", file=sys.stderr)
+    return 2
+  except MemoryError:
+    print(f"petfm {name}: error: out of memory (an input is larger than this machine can hold)",
+          file=sys.stderr)
+    return 2
+  except OSError as e:  # a named file or folder cannot be read or written: permissions, disk full, ...
+    where = f"{e.filename}: " if e.filename else ""
+    print(f"petfm {name}: error: {where}{e.strerror or ' '.join(str(e).split())}", file=sys.stderr)
     return 2
   except KeyboardInterrupt:
     print(f"petfm {name}: interrupted", file=sys.stderr)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import os
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -60,8 +61,8 @@ def parse_command_line(
   """Parses `--config FILE.py:ARG [--config.FIELD=VALUE ...]` plus the flags added by `define_flags`.
 
   Returns the parsed `FlagValues` (`.config` holds the locked ConfigDict). With `workdir` (its help text) a
-  required `--workdir` flag is added. Bad flags, unknown config fields and unparsable values raise
-  `UserError`. `--help` prints the flags and raises SystemExit(0).
+  required `--workdir` flag is added and checked to be (or become) a writable folder. Bad flags, unknown
+  config fields and unparsable values raise `UserError`. `--help` prints the flags and raises SystemExit(0).
   """
   argv = [prog, *argv]
   fv = flags.FlagValues()
@@ -82,26 +83,41 @@ def parse_command_line(
     rest = fv(argv)
   except (flags.Error, AttributeError, KeyError, ValueError, TypeError) as e:
     message = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
-    message = " ".join(message.replace("\\n", " ").replace("\\'", "'").split()).strip("'\" ")
-    if isinstance(e, AttributeError):
-      message = "unknown config field '" + message.replace("' ", "'. ", 1)
-    raise UserError(f"command line: {message}") from None
+    message = message.replace("\\n", "\n").replace("\\'", "'")
+    if "Traceback (most recent call last)" in message:  # the config file raised: keep its last line only
+      last = message.strip().splitlines()[-1]
+      message = f"--config {config_spec(argv)}: {re.sub(r'^[A-Za-z_.]*(Error|Exception): ', '', last)}"
+    elif isinstance(e, AttributeError):
+      key = m.group(1) if (m := re.search(r"'([^']+)'", message)) else message.strip("'\" ")
+      fields = [a.split("=", 1)[0].split(".", 1)[1] for a in argv if a.startswith(("--config.", "-config."))]
+      key = next((f for f in fields if f.rsplit(".", 1)[-1] == key), key)
+      message = f"unknown config field {key!r}"
+    raise UserError(f"command line: {' '.join(message.split())}") from None
   if len(rest) > 1:
     raise UserError(f"unexpected arguments: {' '.join(rest[1:])}")
   if fv.config is None:
     raise UserError("--config FILE.py:ARG is required")
   if workdir and not fv.workdir:
     raise UserError("--workdir is required")
+  if workdir:  # a trainer: its output folder is checked before any work
+    from petfm.data import checks
+    checks.output_dir(fv.workdir, "--workdir")
   return fv
 
 
-def config_path(argv: Sequence[str]) -> str | None:
+def config_spec(argv: Sequence[str]) -> str | None:
+  """The `FILE.py:ARG` given to `--config` in `argv`, or None."""
   for i, a in enumerate(argv):
     if a in ("--config", "-config") and i + 1 < len(argv):
-      return argv[i + 1].split(":", 1)[0]
+      return argv[i + 1]
     if a.startswith(("--config=", "-config=")):
-      return a.split("=", 1)[1].split(":", 1)[0]
+      return a.split("=", 1)[1]
   return None
+
+
+def config_path(argv: Sequence[str]) -> str | None:
+  spec = config_spec(argv)
+  return spec.split(":", 1)[0] if spec is not None else None
 
 
 def check(condition: bool, field: str, message: str) -> None:

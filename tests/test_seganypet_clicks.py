@@ -214,7 +214,7 @@ def test_segment_cli_bad_input_one_line_exit_2(trained, tmp_path, capsys, args, 
   (tmp_path / "bad.nii.gz").write_bytes(b"not nifti")
   assert cli.main(["segment", "--image", str(tmp_path / "bad.nii.gz"), "--point", "1,1,1", "--out",
                    "x.nii.gz", "--checkpoint", trained]) == 2
-  assert "cannot read" in capsys.readouterr().err
+  assert "not a readable NIfTI" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------------------- twin

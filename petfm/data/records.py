@@ -117,8 +117,15 @@ def read_manifest(data_dir: str) -> dict[str, Any]:
   path = os.path.join(data_dir, MANIFEST)
   if not os.path.exists(path):
     raise UserError(f"{data_dir}: no {MANIFEST}; convert NIfTI studies first with `petfm prepare`")
-  with open(path) as f:
-    manifest = json.load(f)
-  if manifest.get("format") != "petfm-records" or manifest.get("version") != FORMAT_VERSION:
+  try:
+    with open(path) as f:
+      manifest = json.load(f)
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise UserError(f"{path}: cannot read ({' '.join(str(e).split())})") from None
+  if (not isinstance(manifest, dict) or manifest.get("format") != "petfm-records"
+      or manifest.get("version") != FORMAT_VERSION):
     raise UserError(f"{path}: not a petfm records manifest of version {FORMAT_VERSION}")
+  missing = [k for k in ("spacing", "splits", "studies", "prompts") if k not in manifest]
+  if missing:
+    raise UserError(f"{path}: incomplete manifest, no {', '.join(missing)}; convert again with `petfm prepare`")
   return manifest

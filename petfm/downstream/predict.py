@@ -17,7 +17,7 @@ from absl import flags
 
 from data_prep import convert
 from data_prep.configs import convert as convert_configs
-from petfm.data import geometry
+from petfm.data import checks, geometry
 from petfm.downstream import data as ddata
 from petfm.errors import UserError
 
@@ -25,11 +25,7 @@ from petfm.errors import UserError
 def load_study(study_dir: str, spacing) -> dict:
   """The record of an autoPET-layout study folder as `petfm prepare` would store it (`UserError` on bad
   input)."""
-  if not os.path.isdir(study_dir):
-    raise UserError(f"--study {study_dir}: no such folder")
-  for name in ("CTres.nii.gz", "SUV.nii.gz"):
-    if not os.path.isfile(os.path.join(study_dir, name)):
-      raise UserError(f"--study {study_dir}: {name} is missing (expected CTres.nii.gz and SUV.nii.gz)")
+  check_study(study_dir)
   config = convert_configs.get_config()
   config.update(layout="autopet", spacing=tuple(float(s) for s in np.broadcast_to(spacing, (3,))),
                 require_label=False, allow_empty_label=True)
@@ -41,18 +37,44 @@ def load_study(study_dir: str, spacing) -> dict:
   return convert.convert_study(jobs[0], config)
 
 
+def check_checkpoint(checkpoint: str) -> dict:
+  """The saved config.json of a `petfm finetune` workdir; `UserError` unless `checkpoint` looks like one."""
+  if not os.path.isdir(checkpoint):
+    raise UserError(f"--checkpoint {checkpoint}: no such folder (expected a `petfm finetune` workdir)")
+  if os.path.isfile(os.path.join(checkpoint, "model.json")):
+    raise UserError(f"--checkpoint {checkpoint}: is a promptable model (`petfm train-seganypet`), not a "
+                    "`petfm finetune` workdir; use it with `petfm segment`")
+  path = os.path.join(checkpoint, "config.json")
+  if not os.path.isfile(path):
+    raise UserError(f"--checkpoint {checkpoint}: no config.json; expected a `petfm finetune` workdir")
+  return checks.read_json(path, "--checkpoint", ("task", "spacing", "model.patch_size", "data.plane_size"))
+
+
+def check_study(study_dir: str) -> None:
+  """Header checks of the study's images (`checks.nifti_header`) before any voxel is read."""
+  if not os.path.isdir(study_dir):
+    raise UserError(f"--study {study_dir}: no such folder")
+  for name, role in (("CTres.nii.gz", "CT"), ("SUV.nii.gz", "PET")):
+    path = os.path.join(study_dir, name)
+    if not os.path.isfile(path):
+      raise UserError(f"--study {study_dir}: {name} is missing (expected CTres.nii.gz and SUV.nii.gz)")
+    checks.nifti_header(path, f"--study {study_dir}: {name} ({role})")
+
+
 def predict_lesions(checkpoint: str, study_dir: str, out_path: str) -> tuple[int, tuple[int, ...]]:
   """Writes the lesion mask (uint8, 1 = lesion) of `study_dir` to `out_path` in the study's original PET
   geometry; returns (lesion voxels, mask shape)."""
   from petfm.train import finetune
-  if not out_path.endswith((".nii", ".nii.gz")):
-    raise UserError(f"--out {out_path}: must end in .nii.gz or .nii")
-  if not os.path.isdir(checkpoint):
-    raise UserError(f"--checkpoint {checkpoint}: no such folder (expected a `petfm finetune` workdir)")
-  config, setup, params = finetune.load_finetuned(checkpoint)
-  if config.task != "lesions":
-    raise UserError(f"--checkpoint {checkpoint}: was fine-tuned for {config.task}, not lesion segmentation")
-  record = load_study(study_dir, config.spacing)
+  checks.output_file(out_path, "--out")
+  saved = check_checkpoint(checkpoint)
+  if saved["task"] != "lesions":
+    raise UserError(f"--checkpoint {checkpoint}: was fine-tuned for {saved['task']}, not lesion segmentation")
+  record = load_study(study_dir, saved["spacing"])  # every input check before the model is built
+  try:
+    config, setup, params = finetune.load_finetuned(checkpoint)
+  except (KeyError, AttributeError, TypeError, ValueError) as e:  # a config.json with missing/odd fields
+    raise UserError(f"--checkpoint {checkpoint}: config.json does not describe a fine-tuned model "
+                    f"({type(e).__name__}: {checks.one_line(e)})") from None
   study = ddata.view_study(record, config.data)
   prob = finetune.predict_volume(config, setup, params, study)
   mask = geometry.to_original((prob >= config.eval.threshold).astype(np.uint8), study.affine,

@@ -16,11 +16,11 @@ copied. OUT_DIR gets `config.json` (the `Sam3DConfig`) and `variables/` (Orbax: 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
 import re
+import shutil
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -29,7 +29,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
-from petfm.errors import UserError
+from petfm.data import checks, records
+from petfm.errors import ArgumentParser, UserError
 from petfm.io import torch_pickle
 from petfm.models import sam3d
 
@@ -130,13 +131,16 @@ def save(out_dir: str, variables: Mapping[str, Any], config: sam3d.Sam3DConfig) 
   out_dir = os.path.abspath(out_dir)
   if os.path.exists(os.path.join(out_dir, "variables")):
     raise UserError(f"{out_dir}: already holds a checkpoint (variables/); choose a new directory")
+  created = not os.path.exists(out_dir)
   os.makedirs(out_dir, exist_ok=True)
-  with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(os.path.join(out_dir, "variables"), dict(variables))
-  tmp = os.path.join(out_dir, "config.json.tmp")
-  with open(tmp, "w") as f:
-    json.dump(dataclasses.asdict(config), f, indent=1)
-  os.replace(tmp, os.path.join(out_dir, "config.json"))
+  try:
+    with ocp.StandardCheckpointer() as checkpointer:
+      checkpointer.save(os.path.join(out_dir, "variables"), dict(variables))
+    records.write_atomic(os.path.join(out_dir, "config.json"),
+                         json.dumps(dataclasses.asdict(config), indent=1))
+  except BaseException:  # no half-written checkpoint: what this call created goes
+    shutil.rmtree(out_dir if created else os.path.join(out_dir, "variables"), ignore_errors=True)
+    raise
 
 
 def load(checkpoint_dir: str) -> tuple[sam3d.Sam3DConfig, dict[str, Any]]:
@@ -144,8 +148,7 @@ def load(checkpoint_dir: str) -> tuple[sam3d.Sam3DConfig, dict[str, Any]]:
   config_path = os.path.join(checkpoint_dir, "config.json")
   if not os.path.isfile(config_path):
     raise UserError(f"{checkpoint_dir}: no config.json; not a converted SAM-Med3D checkpoint")
-  with open(config_path) as f:
-    fields = json.load(f)
+  fields = checks.read_json(config_path, "--checkpoint")
   fields["global_attn_indexes"] = tuple(fields.get("global_attn_indexes", ()))
   try:
     config = sam3d.Sam3DConfig(**fields)
@@ -159,11 +162,12 @@ def load(checkpoint_dir: str) -> tuple[sam3d.Sam3DConfig, dict[str, Any]]:
 
 
 def main(argv: Sequence[str]) -> int:
-  parser = argparse.ArgumentParser(prog="petfm convert-sam-med3d", description=__doc__.split("\n")[0])
+  parser = ArgumentParser(prog="petfm convert-sam-med3d", description=__doc__.split("\n")[0])
   parser.add_argument("checkpoint", help="official .pth (SAM-Med3D, SAM-Med3D-turbo, SegAnyPET)")
   parser.add_argument("out_dir", help="new directory for config.json + Orbax variables/")
   parser.add_argument("--config", default="vit_b_ori", help=f"model config: {', '.join(sam3d.CONFIGS)}")
   args = parser.parse_args(argv)
+  checks.output_dir(args.out_dir, "out_dir")
   config = sam3d.get_config(args.config)
   variables = variables_from_state_dict(read_state_dict(args.checkpoint), config, args.checkpoint)
   save(args.out_dir, variables, config)

@@ -15,7 +15,6 @@ Writes to OUT: `clicks.json` (one row per target), `clicks.md` (mean per organ /
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from collections.abc import Sequence
@@ -24,8 +23,8 @@ import numpy as np
 
 from data_prep.anatomy import ORGAN_LABELS
 from petfm import viz
-from petfm.data import pipelines, records
-from petfm.errors import UserError
+from petfm.data import checks, pipelines, records
+from petfm.errors import ArgumentParser, UserError
 from petfm.eval import metrics
 from petfm.seganypet import clicks, promptable
 
@@ -106,7 +105,7 @@ def write(rows: list[dict], out_dir: str, label: str, counts: Sequence[int] = CL
 
 
 def main(argv: Sequence[str]) -> int:
-  parser = argparse.ArgumentParser(prog="petfm eval-clicks", description=__doc__.split("\n\n")[0])
+  parser = ArgumentParser(prog="petfm eval-clicks", description=__doc__.split("\n\n")[0])
   parser.add_argument("--checkpoint", required=True,
                       help="train-seganypet workdir or convert-sam-med3d directory")
   parser.add_argument("--data_dir", required=True, help="ArrayRecord folder (petfm prepare)")
@@ -114,6 +113,8 @@ def main(argv: Sequence[str]) -> int:
   parser.add_argument("--split", default="test")
   parser.add_argument("--tolerance_mm", type=float, default=1.0, help="surface Dice tolerance")
   args = parser.parse_args(argv)
+  checks.output_dir(args.out, "--out")
+  records.read_manifest(args.data_dir)
   model = promptable.ClickModel.load(args.checkpoint)
   rows = evaluate(model, args.data_dir, args.split, CLICK_COUNTS, args.tolerance_mm)
   write(rows, args.out, model.spec.backbone)

@@ -17,7 +17,6 @@ default.
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import sys
@@ -27,8 +26,8 @@ from collections.abc import Sequence
 import nibabel as nib
 import numpy as np
 
-from petfm.data import geometry, pipelines
-from petfm.errors import UserError
+from petfm.data import checks, geometry, pipelines
+from petfm.errors import ArgumentParser, UserError
 from petfm.models.sam3d import NEGATIVE, POSITIVE
 from petfm.seganypet import preprocess, promptable
 
@@ -47,16 +46,24 @@ def parse_point(text: str, shape: Sequence[int]) -> tuple[np.ndarray, int]:
 
 
 def load_volume(path: str, role: str) -> nib.Nifti1Image:
-  if not os.path.isfile(path):
-    raise UserError(f"{role} {path}: no such file")
-  try:
-    image = nib.load(path)
-    image.get_fdata(dtype=np.float32)
-  except Exception as e:  # nibabel raises many kinds for bad files
-    raise UserError(f"{role} {path}: cannot read as NIfTI ({type(e).__name__}: {e})") from None
-  if len(image.shape) != 3:
-    raise UserError(f"{role} {path}: {len(image.shape)} dimensions, expected a 3-D volume")
-  return image
+  """The checked 3-D image at `path` with float32 voxels in memory (`checks`: header and memory limit before
+  reading, no NaN/inf voxels); `role` (the flag) prefixes error lines."""
+  where = f"{role} {path}"
+  image = checks.nifti_header(path, where)
+  data = checks.read_voxels(image, where, np.float32)
+  checks.check_finite(data, where)
+  return nib.Nifti1Image(data, image.affine, image.header)
+
+
+def _join_negative_points(argv: Sequence[str]) -> list[str]:
+  """`--point -1,10,10` → `--point=-1,10,10`: argparse would take a value starting with '-' for a flag."""
+  out = []
+  for arg in argv:
+    if out and out[-1] == "--point" and re.match(r"^-\d", arg):
+      out[-1] = f"--point={arg}"
+    else:
+      out.append(arg)
+  return out
 
 
 class Session:
@@ -101,12 +108,16 @@ def save_mask(mask: np.ndarray, like: nib.Nifti1Image, path: str) -> None:
   os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
   suffix = ".nii.gz" if path.endswith(".gz") else ".nii"
   tmp = f"{path}.tmp{suffix}"
-  nib.save(out, tmp)
-  os.replace(tmp, path)
+  try:
+    nib.save(out, tmp)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
 
 
 def main(argv: Sequence[str], stdin=None) -> int:
-  parser = argparse.ArgumentParser(prog="petfm segment", description=__doc__.split("\n\n")[0])
+  parser = ArgumentParser(prog="petfm segment", description=__doc__.split("\n\n")[0])
   parser.add_argument("--image", required=True, help="PET image in SUV (NIfTI)")
   parser.add_argument("--ct", help="CT in HU (NIfTI), for PET/CT models")
   parser.add_argument("--point", action="append", default=[],
@@ -114,7 +125,8 @@ def main(argv: Sequence[str], stdin=None) -> int:
   parser.add_argument("--out", required=True, help="output mask (NIfTI)")
   parser.add_argument("--checkpoint", help="train-seganypet workdir or convert-sam-med3d directory")
   parser.add_argument("--interactive", action="store_true", help="read further clicks from stdin")
-  args = parser.parse_args(argv)
+  args = parser.parse_args(_join_negative_points(argv))
+  checks.output_file(args.out, "--out")
   if not args.checkpoint:
     raise UserError("--checkpoint: required: a `petfm train-seganypet` workdir or a "
                     "`petfm convert-sam-med3d` directory (e.g. made from the official seganypet_v2.pth)")

@@ -33,7 +33,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
 from petfm import config as config_lib
-from petfm.data import pipelines, records
+from petfm.data import checks, pipelines, records
 from petfm.downstream import data as ddata
 from petfm.downstream import lesions
 from petfm.errors import UserError
@@ -77,8 +77,8 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if not os.path.exists(path):
     raise UserError(f"--config.init_from {config.init_from}: no config.json; is it a `petfm pretrain` "
                     "workdir?")
-  with open(path) as f:
-    pretrained = json.load(f)
+  pretrained = checks.read_json(path, "--config.init_from", ("model.method", "data.view", "data.depth",
+                                                              "data.ct_clip", "data.suv_clip", "data.suv_scale"))
   out = ml_collections.ConfigDict(config.to_dict())
   model = fratmae.default_config("tiny", pretrained["model"]["method"])
   model.update({k: tuple(v) if isinstance(v, list) else v
@@ -289,8 +289,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
   # ------------------------------------------------------------------ set-up
   common.initialize_distributed(config)
+  spacing = records.read_manifest(config.data_dir)["spacing"]  # before the workdir gets a file
   os.makedirs(workdir, exist_ok=True)
-  spacing = records.read_manifest(config.data_dir)["spacing"]
   if jax.process_index() == 0:
     saved = config.to_dict()
     saved["spacing"] = spacing
@@ -428,7 +428,8 @@ def summary_line(results: dict[str, Any]) -> str:
 def main(argv: list[str]) -> int:
   parsed = config_lib.parse_command_line(
       argv, "finetune", workdir="output folder: checkpoints, metrics, results.json")
-  results = train(parsed.config, parsed.workdir)
+  with checks.discarded_on_error(parsed.workdir):
+    results = train(parsed.config, parsed.workdir)
   print(json.dumps({k: v for k, v in results.items() if k != "studies"}, default=float))
   print(summary_line(results))
   return 0

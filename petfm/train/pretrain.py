@@ -24,7 +24,7 @@ import optax
 from jax.sharding import Mesh
 
 from petfm import config as config_lib
-from petfm.data import pipelines, records
+from petfm.data import checks, pipelines, records
 from petfm.errors import UserError
 from petfm.eval import probe
 from petfm.models import fratmae
@@ -107,6 +107,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
 
   # ------------------------------------------------------------------ set-up
   common.initialize_distributed(config)
+  manifest = records.read_manifest(config.data_dir)  # bad data: an error before the workdir gets a file
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
     records.write_atomic(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
@@ -116,7 +117,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   common.check_batch_divisible(config.batch_size, mesh, config.optim.accum_steps)
 
   # ------------------------------------------------------------------ data
-  manifest = records.read_manifest(config.data_dir)
   prompt_tokens = tokenize_words(manifest["prompts"], config.model.text_length)
   train_iter = iter(pipelines.slab_dataset(
       config.data_dir, "train", config.data, seed=config.seed, train=True,
@@ -241,6 +241,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float
 def main(argv: list[str]) -> int:
   parsed = config_lib.parse_command_line(
       argv, "pretrain", workdir="output folder: checkpoints, TensorBoard events, images")
-  metrics = train(parsed.config, parsed.workdir)
+  with checks.discarded_on_error(parsed.workdir):
+    metrics = train(parsed.config, parsed.workdir)
   print(json.dumps({k: round(v, 6) for k, v in metrics.items()}))
   return 0

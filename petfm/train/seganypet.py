@@ -47,7 +47,7 @@ import optax
 from jax.sharding import Mesh
 
 from petfm import config as config_lib
-from petfm.data import pipelines, records
+from petfm.data import checks, pipelines, records
 from petfm.errors import UserError
 from petfm.models import sam3d, sam3d_twin
 from petfm.models.sam3d import ABSENT
@@ -116,8 +116,7 @@ def pretrained_params(config: ml_collections.ConfigDict, spec: promptable.ModelS
   if not os.path.isfile(path):
     raise UserError(f"--config.init_from {config.init_from}: no config.json; is it a `petfm pretrain` "
                     "workdir?")
-  with open(path) as f:
-    view = json.load(f)["data"]["view"]
+  view = checks.read_json(path, "--config.init_from", ("data.view",))["data"]["view"]
   encoders = sam3d_twin.encoders_from_pretraining(finetune.load_encoders(config.init_from), view,
                                                   spec.sam.patch_size)
   return {"params": encoders}
@@ -250,6 +249,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
 
   # ------------------------------------------------------------------ set-up
   common.initialize_distributed(config)
+  records.read_manifest(config.data_dir)  # bad data: an error before the workdir gets a file
   os.makedirs(workdir, exist_ok=True)
   spec = model_spec(config)
   if jax.process_index() == 0:
@@ -297,6 +297,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
 def main(argv: list[str]) -> int:
   parsed = config_lib.parse_command_line(
       argv, "train-seganypet", workdir="output folder: model.json, checkpoints, TensorBoard events")
-  metrics = train(parsed.config, parsed.workdir)
+  with checks.discarded_on_error(parsed.workdir):
+    metrics = train(parsed.config, parsed.workdir)
   print(json.dumps({k: round(v, 6) for k, v in metrics.items()}))
   return 0

@@ -22,7 +22,7 @@ import ml_collections
 from absl import flags
 
 from petfm import config as config_lib
-from petfm.data import records
+from petfm.data import checks, records
 from petfm.errors import UserError
 from petfm.train import pretrain
 
@@ -123,5 +123,6 @@ def main(argv: list[str]) -> int:
                               "(repeatable; all keys must match)", flag_values=fv)
   parsed = config_lib.parse_command_line(argv, "sweep", define, workdir="folder for the runs and the table")
   config_path = config_lib.config_path(argv)
-  run_sweep(parsed.config, config_path, parsed.workdir, parse_only(parsed.only))
+  with checks.discarded_on_error(parsed.workdir):
+    run_sweep(parsed.config, config_path, parsed.workdir, parse_only(parsed.only))
   return 0
