@@ -30,7 +30,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut
 from pydicom.valuerep import DA, DT, TM
 
-from petfm.data.nifti import MAX_SPACING_MM, MIN_SPACING_MM
+from petfm.data.checks import MAX_SPACING_MM, MIN_SPACING_MM
 from petfm.errors import UserError
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
