@@ -22,7 +22,7 @@ import optax
 import orbax.checkpoint as ocp
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from petfm.config import check
+from petfm.config import check, cluster_config
 from petfm.errors import UserError
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -40,13 +40,39 @@ PEAK_BF16_FLOPS = (
 
 
 def initialize_distributed(config: ml_collections.ConfigDict) -> None:
-  """Multi-host start-up: `jax.distributed.initialize()` when `config.distributed` is set.
+  """Multi-process start-up: `jax.distributed.initialize` when `config.distributed` is set (once per process).
 
-  On Cloud TPU and SLURM/Open MPI clusters the coordinator and process ids are auto-detected; elsewhere set
-  `JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES` and `JAX_PROCESS_ID` (read by jax itself).
+  Peers come from `config.cluster` (`petfm.config.cluster_config`), else JAX_COORDINATOR_ADDRESS /
+  JAX_NUM_PROCESSES / JAX_PROCESS_ID, else jax's auto-detection (Cloud TPU, SLURM, Open MPI). CPU processes
+  exchange collectives through gloo. When a peer dies, the survivors stop with an error from jax's
+  coordination service within `cluster.heartbeat_timeout_s` (plus a few seconds) instead of hanging.
   """
-  if config.get("distributed", False):
-    jax.distributed.initialize()
+  if not config.get("distributed", False) or jax.distributed.is_initialized():
+    return
+  cluster = config.get("cluster") or cluster_config()
+
+  def setting(value: int, unset: int, name: str) -> int | None:
+    if value != unset:
+      return int(value)
+    text = os.environ.get(name, "")
+    if text and not text.isdigit():
+      raise UserError(f"{name}={text!r}: must be a non-negative integer")
+    return int(text) if text else None
+
+  num_processes = setting(cluster.num_processes, 0, "JAX_NUM_PROCESSES")
+  process_id = setting(cluster.process_id, -1, "JAX_PROCESS_ID")
+  if num_processes is not None and process_id is not None and not 0 <= process_id < num_processes:
+    raise UserError(f"config.cluster.process_id={process_id}: must be in [0, num_processes={num_processes})")
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  try:
+    jax.distributed.initialize(
+        coordinator_address=cluster.coordinator_address or None, num_processes=num_processes,
+        process_id=process_id, initialization_timeout=int(cluster.initialization_timeout_s),
+        heartbeat_timeout_seconds=int(cluster.heartbeat_timeout_s))
+  except (ValueError, RuntimeError) as e:
+    message = " ".join(str(e).split())[:300]
+    raise UserError(f"config.distributed: could not join the other processes ({message}); set "
+                    "config.cluster.* or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID") from None
 
 
 # --------------------------------------------------------------------------------------------------- mesh
