@@ -48,7 +48,6 @@ samples (all zero), and every host yields the same number of batches.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -257,10 +256,7 @@ class _Split:
       raise UserError(f"{data_dir}: no split {split!r} in manifest.json; "
                       f"splits: {', '.join(manifest['splits'])}")
     shards = manifest["splits"][split]["shards"]
-    paths = [os.path.join(data_dir, shard) for shard in shards]
-    missing = [p for p in paths if not os.path.isfile(p)]
-    if missing:
-      raise UserError(f"{missing[0]}: shard named in {data_dir}/manifest.json is missing")
+    paths = records.shard_files(data_dir, shards)
     position = {shard: i for i, shard in enumerate(shards)}
     entries = [e for e in manifest["studies"] if e["split"] == split]
     counts = np.bincount([position[e["shard"]] for e in entries], minlength=len(shards))
