@@ -58,6 +58,7 @@ from array_record.python.array_record_module import ArrayRecordReader, ArrayReco
 from scipy import ndimage
 from tqdm import tqdm
 
+from petfm import paths
 from petfm.config import check, check_choice, parse_command_line
 from petfm.data import checks, dicom, geometry, records
 from petfm.data.nifti import load_image
@@ -530,7 +531,13 @@ def convert(input_dir: str, output_dir: str, config: ml_collections.ConfigDict, 
 
   Bad studies are reported (one line each on stderr, and in `Summary.errors` and the manifest) and skipped.
   Studies converted by an earlier run with the same input files and config are reused, not reconverted.
+  A URL `output_dir` (gs://...) is converted in its local mirror `paths.cache_dir(output_dir)` (ArrayRecord
+  writes local files), then uploaded, manifest last.
   """
+  if not paths.is_local(output_dir):
+    summary = convert(input_dir, paths.cache_dir(output_dir), config, workers, progress)
+    paths.upload_tree(paths.cache_dir(output_dir), output_dir, last=(records.MANIFEST,))
+    return summary
   check_config(config)
   checks.output_dir(output_dir, "--output")
   layout, studies = find_studies(input_dir, config.layout)

@@ -21,7 +21,7 @@ depth and normalisation come from that run's config.json and its latest encoder 
 
 import ml_collections
 
-from petfm.config import parse_arg
+from petfm.config import cluster_config, parse_arg
 from petfm.data import pipelines
 from petfm.models import fratmae
 
@@ -55,6 +55,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.batch_size = sizes["batch_size"] if args.task == "lesions" else sizes["staging_batch"]
   c.dtype = "float32"
   c.distributed = False
+  c.cluster = cluster_config()                       # peers of a distributed run (else JAX_* env vars)
   c.foreground_fraction = 0.6                          # share of lesion-centred training slabs
 
   c.data = pipelines.default_slab_config()

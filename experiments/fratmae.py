@@ -17,7 +17,7 @@ The masking-ratio ablation is declared by `sweep()` at the bottom and run with
 
 import ml_collections
 
-from petfm.config import parse_arg
+from petfm.config import cluster_config, parse_arg
 from petfm.data import pipelines
 from petfm.models import fratmae
 
@@ -48,6 +48,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.total_steps = sizes["total_steps"]
   c.batch_size = sizes["batch_size"]                 # global, over all processes and devices
   c.distributed = False                              # jax.distributed.initialize() for multi-host runs
+  c.cluster = cluster_config()                       # peers of a distributed run (else JAX_* env vars)
   c.dtype = "float32"                                # compute dtype: float32 or bfloat16 (params float32)
 
   # Masking: shortcuts referenced by the model section.

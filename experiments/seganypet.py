@@ -18,7 +18,7 @@ import dataclasses
 
 import ml_collections
 
-from petfm.config import parse_arg
+from petfm.config import cluster_config, parse_arg
 from petfm.data import pipelines
 from petfm.models import sam3d
 from petfm.seganypet import promptable
@@ -46,6 +46,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.total_steps = v["total_steps"]
   c.batch_size = v["batch_size"]                     # global, over all processes and devices
   c.distributed = False
+  c.cluster = cluster_config()                       # peers of a distributed run (else JAX_* env vars)
   c.dtype = "float32"                                # compute dtype: float32 or bfloat16 (params float32)
   c.init_from = ""                                   # convert-sam-med3d dir (sam3d) / pretrain workdir (twin)
 

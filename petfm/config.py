@@ -167,3 +167,18 @@ def load_config(spec: str, overrides: dict[str, Any] | None = None) -> ml_collec
   config = override(load_module(path).get_config(arg or None), overrides or {})
   config.lock()
   return config
+
+
+def cluster_config() -> ml_collections.ConfigDict:
+  """`config.cluster`: how a multi-process run (`config.distributed=True`) finds its peers.
+
+  Empty fields fall back to the environment variables JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
+  JAX_PROCESS_ID, then to jax's cluster auto-detection (Cloud TPU, SLURM, Open MPI, Kubernetes).
+  """
+  return ml_collections.ConfigDict(dict(
+      coordinator_address="",       # host:port of process 0, e.g. 10.0.0.2:1234
+      num_processes=0,              # 0 = from the environment
+      process_id=-1,                # -1 = from the environment
+      initialization_timeout_s=300, # how long start-up waits for every process to connect
+      heartbeat_timeout_s=100,      # a process silent this long counts as dead: the others stop with an error
+  ))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import io
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -60,10 +60,10 @@ def line_plot(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], pat
 
 
 def save_figure(fig: Figure, path: str) -> str:
-  """Writes `fig` as PNG atomically (temp file + rename)."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = path + ".tmp.png"
+  """Writes `fig` as PNG atomically to a local path or URL (`petfm.paths.write_atomic`)."""
+  from petfm import paths
+  buf = io.BytesIO()
   fig.tight_layout()
-  fig.savefig(tmp, dpi=100)
-  os.replace(tmp, path)
+  fig.savefig(buf, dpi=100, format="png")
+  paths.write_atomic(path, buf.getvalue())
   return path

@@ -64,8 +64,9 @@ def _patients(counts: dict[str, int], seed: int) -> list[tuple[str, str]]:
 
 
 def make_cohort(root: str, counts: dict[str, int] | None = None, embedding_dim: int = 0,
-                shape: tuple[int, int, int] = (20, 16, 28)) -> str:
-  """Converts a cohort with `counts` studies per split (one study per patient) into `root/records`.
+                shape: tuple[int, int, int] = (20, 16, 28), output: str | None = None) -> str:
+  """Converts a cohort with `counts` studies per split (one study per patient) into `output` (default
+  `root/records`; may be a URL).
 
   Shapes vary by up to ±2 voxels per axis around `shape`; tracer alternates FDG/PSMA, stage cycles 0..4.
   `embedding_dim > 0` stores deterministic pseudo text embeddings instead of running the text encoder.
@@ -95,7 +96,7 @@ def make_cohort(root: str, counts: dict[str, int] | None = None, embedding_dim: 
     return {p: np.random.default_rng(int(hashlib.sha256(p.encode()).hexdigest()[:8], 16))
             .normal(size=embedding_dim).astype(np.float32) for p in prompts}
 
-  output = os.path.join(root, "records")
+  output = output or os.path.join(root, "records")
   with mock.patch.object(convert, "embed_prompts", fake_embeddings):
     summary = convert.convert(nifti, output, config, workers=1, progress=False)
   assert not summary.errors, summary.errors

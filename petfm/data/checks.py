@@ -34,6 +34,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
+from petfm import paths
 from petfm.errors import UserError
 
 MAX_IMAGE_BYTES_ENV = "PETFM_MAX_IMAGE_BYTES"
@@ -221,8 +222,7 @@ def read_json(path: str, what: str, fields: Sequence[str] = ()) -> dict[str, Any
   """The JSON object in `path` (e.g. a workdir's config.json); `UserError` naming `what` and the file when it is
   unreadable, not an object, or lacks one of the dotted `fields` (e.g. `"data.view"`)."""
   try:
-    with open(path) as f:
-      value = json.load(f)
+    value = json.loads(paths.read_text(path))
   except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
     raise UserError(f"{what} {path}: cannot read ({one_line(e)})") from None
   if not isinstance(value, dict):

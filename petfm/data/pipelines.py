@@ -1,11 +1,16 @@
 """grain input pipelines over the ArrayRecord study records (`petfm.data.records`): slab, crop, study views.
 
-Every view is a grain `MapDataset` over the studies of one split (per-host slice
-`process_index::process_count`) → shuffle + repeat (train) → `random_map` (decode only the needed fields,
-sample, augment, normalise; the RNG is derived from the seed and the element index) → batch →
-`to_iter_dataset` (reader threads) → `mp_prefetch` (`worker_count` processes). `iter(ds)` is a grain
-`DatasetIterator`: deterministic for a seed, with `get_state`/`set_state` (and
-`grain.checkpoint.CheckpointSave/Restore` through Orbax) resuming exactly.
+Every view is a grain `MapDataset` over the studies of one split → (train) shuffle + repeat → `random_map`
+(decode only the needed fields, sample, augment, normalise; the RNG is derived from the seed and the element
+index) → batch → `to_iter_dataset` (reader threads) → `mp_prefetch` (`worker_count` processes). `iter(ds)` is
+a grain `DatasetIterator`: deterministic for a seed, with `get_state`/`set_state` resuming exactly.
+
+Hosts (`shard_index` of `shard_count`, default jax.process_index() of jax.process_count()). Training: all
+hosts share one shuffled stream of reads; host i takes the i-th of `shard_count` equal blocks of every global
+batch, so within an epoch every study is read by exactly one host, the global batch (host blocks in order)
+does not depend on the number of hosts, and local batch j of every host belongs to global batch j (the
+iterator state is the same on all hosts and valid for any host count). Evaluation: host i takes studies
+i::shard_count.
 
 Geometry. Records hold canonical RAS+ arrays (X: →Right, Y: →Anterior, Z: →Superior). A view reorders them
 to (H, W, D) in radiological display order (`to_view` / `from_view`):
@@ -43,7 +48,6 @@ samples (all zero), and every host yields the same number of batches.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -252,10 +256,7 @@ class _Split:
       raise UserError(f"{data_dir}: no split {split!r} in manifest.json; "
                       f"splits: {', '.join(manifest['splits'])}")
     shards = manifest["splits"][split]["shards"]
-    paths = [os.path.join(data_dir, shard) for shard in shards]
-    missing = [p for p in paths if not os.path.isfile(p)]
-    if missing:
-      raise UserError(f"{missing[0]}: shard named in {data_dir}/manifest.json is missing")
+    paths = records.shard_files(data_dir, shards)
     position = {shard: i for i, shard in enumerate(shards)}
     entries = [e for e in manifest["studies"] if e["split"] == split]
     counts = np.bincount([position[e["shard"]] for e in entries], minlength=len(shards))
@@ -462,6 +463,18 @@ class _Flatten:
     return {k: v.reshape(-1, *v.shape[2:]) for k, v in batch.items()}
 
 
+class _HostBlock:
+  """Element k of one host's training stream: read (k // m)·m·count + index·m + k % m of the shared stream
+  (m reads per host and batch), so the global batch is the same for any number of hosts."""
+
+  def __init__(self, stream: grain.MapDataset, m: int, index: int, count: int):
+    self.stream, self.m, self.index, self.count = stream, m, index, count
+
+  def __call__(self, k: int) -> dict[str, np.ndarray]:
+    step, j = divmod(k, self.m)
+    return self.stream[(step * self.count + self.index) * self.m + j]
+
+
 class _EvalItem:
   """Evaluation element j: item j of this host (no augmentation), or an all-zero padding sample."""
 
@@ -484,15 +497,20 @@ def _pipeline(items: Sequence[Any], sampler, cfg: ml_collections.ConfigDict, *, 
     shard_index, shard_count = jax.process_index(), jax.process_count()
   if not 0 <= shard_index < shard_count:
     raise UserError(f"shard_index={shard_index}: must be in [0, shard_count={shard_count})")
-  mine = list(items)[shard_index::shard_count]
   if train:
     if batch_size % per_read:
       raise UserError(f"config.data.samples_per_read={per_read}: must divide the batch size {batch_size}")
-    if not mine:
-      raise UserError(f"{what}: has no training examples for host {shard_index} of {shard_count}")
-    host_seed = int(np.random.SeedSequence([seed, shard_index]).generate_state(1)[0])
-    ds = grain.MapDataset.source(mine).shuffle(seed=host_seed).repeat().random_map(sampler, seed=host_seed)
+    if not items:
+      raise UserError(f"{what}: has no training examples")
+    # One stream for all hosts (seeded like host 0 of old single-stream runs): global batch j is reads
+    # [j·n, (j+1)·n) of it, and this host takes the `shard_index`-th block of m = n / shard_count reads.
+    stream_seed = int(np.random.SeedSequence([seed, 0]).generate_state(1)[0])
+    stream = grain.MapDataset.source(list(items)).shuffle(seed=stream_seed).repeat()
+    stream = stream.random_map(sampler, seed=stream_seed)
+    ds = grain.MapDataset.range(len(stream) // shard_count).map(
+        _HostBlock(stream, batch_size // per_read, shard_index, shard_count))
   else:
+    mine = list(items)[shard_index::shard_count]
     per_host = math.ceil(len(items) / shard_count)
     length = math.ceil(per_host / batch_size) * batch_size
     ds = grain.MapDataset.range(length).map(_EvalItem(mine, items[0] if items else None, sampler))
@@ -512,8 +530,8 @@ def slab_dataset(data_dir: str, split: str, cfg: ml_collections.ConfigDict, *, s
                  batch_size: int, shard_index: int | None = None, shard_count: int | None = None
                  ) -> grain.IterDataset:
   """Batches of 2.5-D slabs (module docstring): train = random slabs (`samples_per_read` per decoded
-  study), eval = the centre slab of every study once. The per-host slice defaults to
-  jax.process_index() / jax.process_count()."""
+  study), eval = the centre slab of every study once. `batch_size` is per host; hosts as in the module
+  docstring."""
   check_config(cfg, "slab")
   records_ = _Split(data_dir, split)
   per_read = cfg.samples_per_read if train else 1

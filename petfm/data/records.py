@@ -38,12 +38,13 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
+
+from petfm import paths
+from petfm.paths import write_atomic  # noqa: F401  (records.write_atomic: the path layer's)
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -91,35 +92,15 @@ def decode(data: bytes, fields: Iterable[str] | None = None) -> dict[str, Any]:
   return out
 
 
-def write_atomic(path: str, data: bytes | str) -> None:
-  """Writes `data` to `path` so that readers never see a partial file (temp file + fsync + rename)."""
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-" + os.path.basename(path) + "-")
-  try:
-    umask = os.umask(0)
-    os.umask(umask)
-    os.fchmod(fd, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
-    with os.fdopen(fd, "wb") as f:
-      f.write(data.encode() if isinstance(data, str) else data)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-
-
 def read_manifest(data_dir: str) -> dict[str, Any]:
-  """Reads `DATA_DIR/manifest.json`; raises `UserError` when the folder holds no converted dataset."""
+  """Reads `DATA_DIR/manifest.json` (local folder or URL); raises `UserError` when the folder holds no
+  converted dataset."""
   from petfm.errors import UserError
-  path = os.path.join(data_dir, MANIFEST)
-  if not os.path.exists(path):
+  path = paths.join(data_dir, MANIFEST)
+  if not paths.exists(path):
     raise UserError(f"{data_dir}: no {MANIFEST}; convert NIfTI studies first with `petfm prepare`")
   try:
-    with open(path) as f:
-      manifest = json.load(f)
+    manifest = json.loads(paths.read_text(path))
   except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
     raise UserError(f"{path}: cannot read ({' '.join(str(e).split())})") from None
   if (not isinstance(manifest, dict) or manifest.get("format") != "petfm-records"
@@ -129,3 +110,16 @@ def read_manifest(data_dir: str) -> dict[str, Any]:
   if missing:
     raise UserError(f"{path}: incomplete manifest, no {', '.join(missing)}; convert again with `petfm prepare`")
   return manifest
+
+
+def shard_files(data_dir: str, shards: Iterable[str]) -> list[str]:
+  """Local files of the ArrayRecord `shards` of `data_dir` (ArrayRecord reads local files only: shards of a
+  remote `data_dir` are read from their `paths.local_copy`); `UserError` for a missing one."""
+  from petfm.errors import UserError
+  out = []
+  for shard in shards:
+    path = paths.join(data_dir, shard)
+    if not paths.isfile(path):
+      raise UserError(f"{path}: shard named in {paths.join(data_dir, MANIFEST)} is missing")
+    out.append(paths.local_copy(path))
+  return out

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from collections.abc import Sequence
 
 import ml_collections
@@ -64,11 +63,9 @@ def read_studies(data_dir: str, split: str, data: ml_collections.ConfigDict,
   studies = []
   try:
     for entry in entries:
-      path = os.path.join(data_dir, entry["shard"])
+      path = entry["shard"]
       if path not in readers:
-        if not os.path.exists(path):
-          raise UserError(f"{data_dir}: shard {entry['shard']} named in manifest.json is missing")
-        readers[path] = ArrayRecordReader(path)
+        readers[path] = ArrayRecordReader(records.shard_files(data_dir, [path])[0])
       record = records.decode(readers[path].read([entry["index"]])[0], fields=STUDY_FIELDS)
       studies.append(view_study(record, data))
   finally:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -22,7 +24,8 @@ import optax
 import orbax.checkpoint as ocp
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from petfm.config import check
+from petfm import paths
+from petfm.config import check, cluster_config
 from petfm.errors import UserError
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -40,13 +43,50 @@ PEAK_BF16_FLOPS = (
 
 
 def initialize_distributed(config: ml_collections.ConfigDict) -> None:
-  """Multi-host start-up: `jax.distributed.initialize()` when `config.distributed` is set.
+  """Multi-process start-up: `jax.distributed.initialize` when `config.distributed` is set (once per process).
 
-  On Cloud TPU and SLURM/Open MPI clusters the coordinator and process ids are auto-detected; elsewhere set
-  `JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES` and `JAX_PROCESS_ID` (read by jax itself).
+  Peers come from `config.cluster` (`petfm.config.cluster_config`), else JAX_COORDINATOR_ADDRESS /
+  JAX_NUM_PROCESSES / JAX_PROCESS_ID, else jax's auto-detection (Cloud TPU, SLURM, Open MPI). CPU processes
+  exchange collectives through gloo. When a peer dies, the survivors stop with an error from jax's
+  coordination service within `cluster.heartbeat_timeout_s` (plus a few seconds) instead of hanging.
   """
-  if config.get("distributed", False):
-    jax.distributed.initialize()
+  if not config.get("distributed", False) or jax.distributed.is_initialized():
+    return
+  cluster = config.get("cluster") or cluster_config()
+
+  def setting(value: int, unset: int, name: str) -> int | None:
+    if value != unset:
+      return int(value)
+    text = os.environ.get(name, "")
+    if text and not text.isdigit():
+      raise UserError(f"{name}={text!r}: must be a non-negative integer")
+    return int(text) if text else None
+
+  num_processes = setting(cluster.num_processes, 0, "JAX_NUM_PROCESSES")
+  process_id = setting(cluster.process_id, -1, "JAX_PROCESS_ID")
+  if num_processes is not None and process_id is not None and not 0 <= process_id < num_processes:
+    raise UserError(f"config.cluster.process_id={process_id}: must be in [0, num_processes={num_processes})")
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  try:
+    jax.distributed.initialize(
+        coordinator_address=cluster.coordinator_address or None, num_processes=num_processes,
+        process_id=process_id, initialization_timeout=int(cluster.initialization_timeout_s),
+        heartbeat_timeout_seconds=int(cluster.heartbeat_timeout_s))
+  except (ValueError, RuntimeError) as e:
+    message = " ".join(str(e).split())[:300]
+    raise UserError(f"config.distributed: could not join the other processes ({message}); set "
+                    "config.cluster.* or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID"
+                    ) from None
+
+
+def sync_processes(name: str, timeout_s: int = 900) -> None:
+  """Waits until every process reaches this point (a coordination-service barrier, no device collective).
+
+  Call it before the first step: CPU (gloo) collectives give a late peer only 30 s to join, which unequal
+  compile or set-up times of the processes can exceed. `name` must be unique per barrier.
+  """
+  if jax.process_count() > 1:
+    ocp.multihost.sync_global_processes(name, timeout=timeout_s, processes=set(range(jax.process_count())))
 
 
 # --------------------------------------------------------------------------------------------------- mesh
@@ -97,18 +137,33 @@ def shardings_for(abstract_tree: Any, mesh: Mesh, rules) -> Any:
 
 
 def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-  """Process-local numpy batch → global jax.Arrays sharded over the batch axes (multi-host safe)."""
+  """This process's rows (B / processes, ...) of every field → global (B, ...) jax.Arrays sharded over the
+  batch axes. Process p holds rows block p of the global batch (`check_batch_divisible` checks the mesh puts
+  it there), as the training pipelines yield."""
   sharding = batch_sharding(mesh)
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local_batch.items()}
+  out = {}
+  for k, v in local_batch.items():
+    v = np.asarray(v)
+    shape = (v.shape[0] * jax.process_count(), *v.shape[1:])
+    out[k] = jax.make_array_from_process_local_data(sharding, v, shape)
+  return out
 
 
 def check_batch_divisible(global_batch_size: int, mesh: Mesh, accum_steps: int = 1,
                           field: str = "batch_size"):
+  """Clear errors when the batch does not split over the mesh and processes; checks that this process's
+  devices hold rows block `process_index` of the global batch (what `global_batch` feeds them)."""
   shards = mesh.shape["data"] * mesh.shape["fsdp"]
   check(global_batch_size % (shards * accum_steps) == 0, field,
         f"{global_batch_size} is not divisible by data×fsdp = {shards} × accum_steps = {accum_steps}")
-  check(global_batch_size % jax.process_count() == 0, field,
-        f"{global_batch_size} is not divisible by the {jax.process_count()} processes")
+  n, p = jax.process_count(), jax.process_index()
+  check(global_batch_size % n == 0, field, f"{global_batch_size} is not divisible by the {n} processes")
+  rows = batch_sharding(mesh).addressable_devices_indices_map((global_batch_size,)).values()
+  held = sorted({i for (rows_,) in rows for i in range(*rows_.indices(global_batch_size))})
+  block = global_batch_size // n
+  if held != list(range(p * block, (p + 1) * block)):
+    raise UserError(f"config.mesh: process {p} of {n} holds batch rows {held[:1]}…{held[-1:]}, not block "
+                    f"{p}; put the data/fsdp axes over whole processes (order devices by process)")
 
 
 # ---------------------------------------------------------------------------------------------- optimizer
@@ -184,11 +239,12 @@ class Checkpointer:
   onto any mesh (the abstract state carries the target shardings).
 
   `state` is any pytree of jax.Arrays (params, optimizer state, step, RNG key data). The grain iterator state
-  is saved per process beside it, so resuming replays exactly the batches an uninterrupted run would see.
+  (JSON, the same on every process) is saved beside it, so resuming, on any number of processes, replays
+  exactly the batches an uninterrupted run would see.
   """
 
   def __init__(self, directory: str, every_steps: int, keep: int, async_save: bool = True):
-    self.directory = os.path.abspath(directory)
+    self.directory = paths.absolute(directory)
     options = ocp.CheckpointManagerOptions(
         save_decision_policy=ocp.checkpoint_managers.FixedIntervalPolicy(every_steps),
         preservation_policy=ocp.checkpoint_managers.LatestN(keep),
@@ -203,17 +259,18 @@ class Checkpointer:
 
   def save(self, step: int, state: Any, data_iter: Any | None = None, force: bool = False) -> bool:
     items = {"state": ocp.args.StandardSave(state)}
-    if data_iter is not None:
-      import grain
-      items["data_iter"] = grain.checkpoint.CheckpointSave(data_iter)
+    if data_iter is not None:  # the same on every process (pipelines docstring), so one JSON for all
+      items["data_iter"] = ocp.args.JsonSave(data_iter.get_state())
     return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
   def restore(self, step: int, abstract_state: Any, data_iter: Any | None = None) -> Any:
     items = {"state": ocp.args.StandardRestore(abstract_state)}
     if data_iter is not None:
-      import grain
-      items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
-    return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
+      items["data_iter"] = ocp.args.JsonRestore()
+    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    if data_iter is not None:
+      data_iter.set_state(restored["data_iter"])
+    return restored["state"]
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
@@ -232,7 +289,11 @@ def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
 
 
 class MetricsLogger:
-  """Terminal progress bar + TensorBoard event files + `metrics.jsonl`, written by process 0 only."""
+  """Terminal progress bar + TensorBoard event files + `metrics.jsonl`, written by process 0 only.
+
+  A remote workdir (URL) gets them from a local staging folder, uploaded by `sync` (at every checkpoint and
+  at `close`): object stores cannot append.
+  """
 
   def __init__(self, workdir: str, total_steps: int, start_step: int = 0, enabled: bool | None = None):
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
@@ -241,8 +302,12 @@ class MetricsLogger:
       return
     from tensorboardX import SummaryWriter
     from tqdm import tqdm
-    self.writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
-    self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+    self.local = workdir if paths.is_local(workdir) else tempfile.mkdtemp(prefix="petfm-metrics-")
+    jsonl = os.path.join(self.local, "metrics.jsonl")
+    if not paths.is_local(workdir) and paths.exists(paths.join(workdir, "metrics.jsonl")):
+      shutil.copyfile(paths.local_copy(paths.join(workdir, "metrics.jsonl")), jsonl)   # resume appends
+    self.writer = SummaryWriter(os.path.join(self.local, "tensorboard"))
+    self.jsonl = open(jsonl, "a")
     self.bar = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True, unit="step")
 
   def write(self, step: int, metrics: Mapping[str, float], advance: int = 0) -> None:
@@ -264,17 +329,27 @@ class MetricsLogger:
   def image(self, tag: str, png_path: str, step: int) -> None:
     if self.enabled:
       import matplotlib.image
-      self.writer.add_image(tag, matplotlib.image.imread(png_path)[..., :3], step, dataformats="HWC")
+      with paths.open_file(png_path, "rb") as f:
+        self.writer.add_image(tag, matplotlib.image.imread(f, format="png")[..., :3], step, dataformats="HWC")
 
   def message(self, text: str) -> None:
     if self.enabled:
       self.bar.write(text)
+
+  def sync(self) -> None:
+    """Uploads metrics.jsonl and the TensorBoard events to a remote workdir (no-op for local ones)."""
+    if self.enabled and self.local != self.workdir:
+      self.writer.flush()
+      paths.upload_tree(self.local, self.workdir)
 
   def close(self) -> None:
     if self.enabled:
       self.bar.close()
       self.writer.close()
       self.jsonl.close()
+      self.sync()
+      if self.local != self.workdir:
+        shutil.rmtree(self.local, ignore_errors=True)
 
 
 def check_finite(metrics: Mapping[str, float], step: int, last_good_step: int | None) -> None:
@@ -312,6 +387,7 @@ def restore_or_init(ckpt: Checkpointer, logger: MetricsLogger, abstract_state: A
                     init: Callable[[], Any], data_iter: Any | None = None) -> tuple[Any, int]:
   """(state, start step): the latest checkpoint of `ckpt` restored onto `shardings` (with the data iterator's
   position), or `init()` at step 0. Call it under the trainer's mesh and axis rules."""
+  sync_processes("petfm-restore-or-init")
   start_step = ckpt.latest_step() or 0
   if start_step:
     logger.message(f"resuming from the checkpoint at step {start_step} in {ckpt.directory}")
@@ -361,6 +437,7 @@ class StepBookkeeper:
     if save_now:
       self.ckpt.save(done, state, data_iter, force=True)
       self.last_good = done
+      self.logger.sync()
 
   def close(self) -> None:
     self.ckpt.close()

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -32,7 +31,7 @@ import optax
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
-from petfm import config as config_lib
+from petfm import config as config_lib, paths
 from petfm.data import checks, pipelines, records
 from petfm.downstream import data as ddata
 from petfm.downstream import lesions
@@ -73,8 +72,8 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The config with backbone and data settings taken from the pretraining run (when `init_from` is set)."""
   if not config.init_from:
     return config
-  path = os.path.join(config.init_from, "config.json")
-  if not os.path.exists(path):
+  path = paths.join(config.init_from, "config.json")
+  if not paths.exists(path):
     raise UserError(f"--config.init_from {config.init_from}: no config.json; is it a `petfm pretrain` "
                     "workdir?")
   pretrained = checks.read_json(path, "--config.init_from", ("model.method", "data.view", "data.depth",
@@ -93,8 +92,8 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 def load_encoders(workdir: str) -> dict[str, Any]:
   """The encoder params (`encoder`, or `pet_encoder` and `ct_encoder`) of a pretraining run's latest
   checkpoint, as numpy arrays."""
-  directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-  if not os.path.isdir(directory):
+  directory = paths.absolute(paths.join(workdir, "checkpoints"))
+  if not paths.isdir(directory):
     raise UserError(f"--config.init_from {workdir}: no checkpoints/ folder; is it a `petfm pretrain` "
                     "workdir?")
   manager = ocp.CheckpointManager(directory)
@@ -290,11 +289,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   # ------------------------------------------------------------------ set-up
   common.initialize_distributed(config)
   spacing = records.read_manifest(config.data_dir)["spacing"]  # before the workdir gets a file
-  os.makedirs(workdir, exist_ok=True)
+  paths.makedirs(workdir)
   if jax.process_index() == 0:
     saved = config.to_dict()
     saved["spacing"] = spacing
-    records.write_atomic(os.path.join(workdir, "config.json"), json.dumps(saved, indent=2, default=list))
+    records.write_atomic(paths.join(workdir, "config.json"), json.dumps(saved, indent=2, default=list))
 
   # ------------------------------------------------------------------ mesh
   mesh = common.create_mesh(config.mesh)
@@ -309,7 +308,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   setup = build(config, mesh, example, pretrained)
 
   # ------------------------------------------------------------------ checkpoint: resume or init
-  ckpt = common.Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint.every_steps,
+  ckpt = common.Checkpointer(paths.join(workdir, "checkpoints"), config.checkpoint.every_steps,
                              config.checkpoint.keep, config.checkpoint.async_save)
   logger = common.MetricsLogger(workdir, config.total_steps)
   with jax.set_mesh(mesh), nn.logical_axis_rules(setup.rules):
@@ -329,7 +328,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   # ------------------------------------------------------------------ evaluation
   results = evaluate(config, setup, state["params"])
   if jax.process_index() == 0:
-    records.write_atomic(os.path.join(workdir, "results.json"), json.dumps(results, indent=1, default=float))
+    records.write_atomic(paths.join(workdir, "results.json"), json.dumps(results, indent=1, default=float))
   return results
 
 
@@ -386,10 +385,10 @@ def evaluate(config: ml_collections.ConfigDict, setup: Setup, params: Any) -> di
 
 def load_finetuned(workdir: str) -> tuple[ml_collections.ConfigDict, Setup, Any]:
   """(config, setup on a one-device mesh, latest params) of a `petfm finetune` workdir."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.isfile(path):
+  path = paths.join(workdir, "config.json")
+  if not paths.isfile(path):
     raise UserError(f"--checkpoint {workdir}: no config.json; expected a `petfm finetune` workdir")
-  with open(path) as f:
+  with paths.open_file(path) as f:
     saved = json.load(f)
   spacing = saved.pop("spacing", None)
   config = ml_collections.ConfigDict(saved)
@@ -406,7 +405,7 @@ def load_finetuned(workdir: str) -> tuple[ml_collections.ConfigDict, Setup, Any]
     example = {"pet": np.zeros((1, s, h, w, d), np.float32), "ct": np.zeros((1, s, h, w, d), np.float32),
                "slab_valid": np.ones((1, s), bool)}
   setup = build(config, mesh, example)
-  ckpt = common.Checkpointer(os.path.join(workdir, "checkpoints"), 1, 1)
+  ckpt = common.Checkpointer(paths.join(workdir, "checkpoints"), 1, 1)
   step = ckpt.latest_step()
   if step is None:
     raise UserError(f"--checkpoint {workdir}: holds no finished checkpoint")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -23,7 +22,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from petfm import config as config_lib
+from petfm import config as config_lib, paths
 from petfm.data import checks, pipelines, records
 from petfm.errors import UserError
 from petfm.eval import probe
@@ -100,6 +99,12 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, example: dict[str, np.n
   return Setup(model, mesh, rules, schedule, *common.jit_training(init_state, train_step, mesh, rules))
 
 
+def train_batches(config: ml_collections.ConfigDict) -> Any:
+  """This process's training batches (its rows of every global batch; the pipelines docstring)."""
+  return iter(pipelines.slab_dataset(config.data_dir, "train", config.data, seed=config.seed, train=True,
+                                     batch_size=config.batch_size // jax.process_count()))
+
+
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains to `config.total_steps` (resuming if `workdir` has checkpoints); returns the last logged
   metrics."""
@@ -108,9 +113,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   # ------------------------------------------------------------------ set-up
   common.initialize_distributed(config)
   manifest = records.read_manifest(config.data_dir)  # bad data: an error before the workdir gets a file
-  os.makedirs(workdir, exist_ok=True)
+  paths.makedirs(workdir)
   if jax.process_index() == 0:
-    records.write_atomic(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
+    records.write_atomic(paths.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
 
   # ------------------------------------------------------------------ mesh
   mesh = common.create_mesh(config.mesh)
@@ -118,9 +123,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
 
   # ------------------------------------------------------------------ data
   prompt_tokens = tokenize_words(manifest["prompts"], config.model.text_length)
-  train_iter = iter(pipelines.slab_dataset(
-      config.data_dir, "train", config.data, seed=config.seed, train=True,
-      batch_size=config.batch_size // jax.process_count()))
+  train_iter = train_batches(config)
   example = model_batch(next(iter(pipelines.slab_dataset(
       config.data_dir, "train", config.data, seed=config.seed, train=False, batch_size=2))), prompt_tokens)
 
@@ -128,7 +131,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   setup = build(config, mesh, example)
 
   # ------------------------------------------------------------------ checkpoint: resume or sharded init
-  ckpt = common.Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint.every_steps,
+  ckpt = common.Checkpointer(paths.join(workdir, "checkpoints"), config.checkpoint.every_steps,
                              config.checkpoint.keep, config.checkpoint.async_save)
   logger = common.MetricsLogger(workdir, config.total_steps)
   with jax.set_mesh(mesh), nn.logical_axis_rules(setup.rules):
@@ -149,6 +152,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         logger.message(f"{mesh.size} device(s) {dict(mesh.shape)}; {book.flops_per_step / 1e9:.3g} GFLOP "
                        f"per step; peak {peak / 1e12:.3g} TFLOP/s per device ({peak_source})")
         visual_batch = batch
+        common.sync_processes("petfm-pretrain-compiled")
         book.restart_clock()
       state, metrics = compiled(state, batch)
       done = step + 1
@@ -162,11 +166,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
 def save_reconstruction_png(model, params, batch, step: int, workdir: str, logger) -> str:
   """PET/CT input, masked input and reconstruction of the first samples of `batch` → PNG (+ TensorBoard)."""
   from petfm import viz
+  from jax.experimental import multihost_utils
   _, aux = jax.jit(lambda p, b: model.apply({"params": p}, b, train=True,
                                             rngs={"masking": jax.random.key(step)}))(params, batch)
-  path = os.path.join(workdir, "images", f"reconstruction_{step:07d}.png")
+  batch, aux = multihost_utils.process_allgather((batch, aux), tiled=True)   # every process takes part
+  path = paths.join(workdir, "images", f"reconstruction_{step:07d}.png")
   if jax.process_index() == 0:
-    viz.reconstruction_figure(jax.device_get(batch), jax.device_get(aux), path)
+    viz.reconstruction_figure(batch, aux, path)
     logger.image("reconstruction", path, step)
   return path
 
@@ -179,7 +185,7 @@ def restore_params(config: ml_collections.ConfigDict, workdir: str,
   """The latest params of a run, restored onto a one-device mesh (for evaluation on this host)."""
   mesh = common.create_mesh([("data", 1), ("fsdp", 1), ("tensor", 1)], jax.local_devices()[:1])
   setup = build(config, mesh, example)
-  ckpt = common.Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint.every_steps,
+  ckpt = common.Checkpointer(paths.join(workdir, "checkpoints"), config.checkpoint.every_steps,
                              config.checkpoint.keep)
   step = ckpt.latest_step()
   if step is None:

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -46,7 +45,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from petfm import config as config_lib
+from petfm import config as config_lib, paths
 from petfm.data import checks, pipelines, records
 from petfm.errors import UserError
 from petfm.models import sam3d, sam3d_twin
@@ -98,7 +97,7 @@ def model_spec(config: ml_collections.ConfigDict) -> promptable.ModelSpec:
 
 
 def _converted(directory: str) -> tuple[sam3d.Sam3DConfig, Any]:
-  if not os.path.isdir(directory):
+  if not paths.isdir(directory):
     raise UserError(f"--config.init_from {directory}: no such directory")
   return convert.load(directory)
 
@@ -112,8 +111,8 @@ def pretrained_params(config: ml_collections.ConfigDict, spec: promptable.ModelS
     variables = _converted(config.init_from)[1]
     return {"params": variables["params"], "buffers": variables["buffers"]}
   from petfm.train import finetune
-  path = os.path.join(config.init_from, "config.json")
-  if not os.path.isfile(path):
+  path = paths.join(config.init_from, "config.json")
+  if not paths.isfile(path):
     raise UserError(f"--config.init_from {config.init_from}: no config.json; is it a `petfm pretrain` "
                     "workdir?")
   view = checks.read_json(path, "--config.init_from", ("data.view",))["data"]["view"]
@@ -250,11 +249,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   # ------------------------------------------------------------------ set-up
   common.initialize_distributed(config)
   records.read_manifest(config.data_dir)  # bad data: an error before the workdir gets a file
-  os.makedirs(workdir, exist_ok=True)
+  paths.makedirs(workdir)
   spec = model_spec(config)
   if jax.process_index() == 0:
-    records.write_atomic(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
-    records.write_atomic(os.path.join(workdir, "model.json"), spec.to_json())
+    records.write_atomic(paths.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
+    records.write_atomic(paths.join(workdir, "model.json"), spec.to_json())
 
   # ------------------------------------------------------------------ mesh
   mesh = common.create_mesh(config.mesh)
@@ -269,7 +268,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   setup = build(config, mesh, spec, pretrained)
 
   # ------------------------------------------------------------------ checkpoint: resume or init
-  ckpt = common.Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint.every_steps,
+  ckpt = common.Checkpointer(paths.join(workdir, "checkpoints"), config.checkpoint.every_steps,
                              config.checkpoint.keep, config.checkpoint.async_save)
   logger = common.MetricsLogger(workdir, config.total_steps)
   with jax.set_mesh(mesh), nn.logical_axis_rules(setup.rules):
