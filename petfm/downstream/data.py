@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import ml_collections
 import numpy as np
@@ -51,9 +51,10 @@ def view_study(record: dict, data: ml_collections.ConfigDict) -> Study:
                record["affine"], record["original_affine"], record["original_shape"], int(record["stage"]))
 
 
-def read_studies(data_dir: str, split: str, data: ml_collections.ConfigDict,
-                 patients: Sequence[str] | None = None) -> list[Study]:
-  """Every study of `split` (optionally only those of `patients`), in manifest order."""
+def read_records(data_dir: str, split: str, fields: Sequence[str],
+                 patients: Sequence[str] | None = None) -> Iterator[dict]:
+  """The decoded records (only `fields`) of every study of `split` (optionally only those of `patients`), in
+  manifest order."""
   from array_record.python.array_record_module import ArrayRecordReader
   manifest = records.read_manifest(data_dir)
   entries = [s for s in manifest["studies"] if s["split"] == split]
@@ -61,7 +62,6 @@ def read_studies(data_dir: str, split: str, data: ml_collections.ConfigDict,
     wanted = set(patients)
     entries = [s for s in entries if s["patient_id"] in wanted]
   readers: dict[str, ArrayRecordReader] = {}
-  studies = []
   try:
     for entry in entries:
       path = os.path.join(data_dir, entry["shard"])
@@ -69,12 +69,16 @@ def read_studies(data_dir: str, split: str, data: ml_collections.ConfigDict,
         if not os.path.exists(path):
           raise UserError(f"{data_dir}: shard {entry['shard']} named in manifest.json is missing")
         readers[path] = ArrayRecordReader(path)
-      record = records.decode(readers[path].read([entry["index"]])[0], fields=STUDY_FIELDS)
-      studies.append(view_study(record, data))
+      yield records.decode(readers[path].read([entry["index"]])[0], fields=fields)
   finally:
     for reader in readers.values():
       reader.close()
-  return studies
+
+
+def read_studies(data_dir: str, split: str, data: ml_collections.ConfigDict,
+                 patients: Sequence[str] | None = None) -> list[Study]:
+  """Every study of `split` (optionally only those of `patients`), in manifest order."""
+  return [view_study(r, data) for r in read_records(data_dir, split, STUDY_FIELDS, patients)]
 
 
 def split_patients(data_dir: str, split: str) -> list[str]:
