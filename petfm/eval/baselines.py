@@ -2,12 +2,12 @@
 
 Each rule maps a study's SUV volume (and its organ label map) to a lesion mask on the stored grid:
 
-| name               | rule                                                                                   |
-|--------------------|----------------------------------------------------------------------------------------|
-| `suv>2.5`, `suv>4` | fixed threshold SUV > level                                                            |
-| `41% SUVmax`       | components of SUV > 2.5 (18-connected); in each, the voxels ≥ 41 % of its SUVmax        |
-| `suv>3 w/o organs` | SUV > 3 outside the organs whose median SUV exceeds 2 (high physiological uptake:      |
-|                    | brain, heart, kidneys, bladder, liver/spleen/salivary glands in PSMA, …)               |
+| name               | rule                                                                              |
+|--------------------|-----------------------------------------------------------------------------------|
+| `suv>2.5`, `suv>4` | fixed threshold SUV > level                                                       |
+| `41% SUVmax`       | components of SUV > 2.5 (18-connected); in each, the voxels ≥ 41 % of its SUVmax   |
+| `suv>3 w/o organs` | SUV > 3 outside the organs whose median SUV exceeds 2 (high physiological uptake: |
+|                    | brain, heart, kidneys, bladder, liver/spleen/salivary glands in PSMA, …)          |
 
 The organ exclusion needs the record's `organs` map (`petfm.data.records`); a study without one (all zeros, as
 for real autoPET data) gets the plain threshold. The 41 % rule is the usual automated form of the clinical
