@@ -27,7 +27,7 @@ demo: $(VENV)/.installed
 	    --workdir $(DEMO)/finetune --config.data_dir=$(DEMO)/records --config.init_from=$(DEMO)/pretrain
 	$(VENV)/bin/petfm predict-lesions --checkpoint $(DEMO)/finetune --study $(DEMO)/nifti/synth_0000 \
 	    --out $(DEMO)/synth_0000_lesions.nii.gz
-	@echo "demo outputs in $(DEMO)/: pretrain/ (checkpoints, images/reconstruction_*.png), finetune/results.json, synth_0000_lesions.nii.gz"
+	@echo "demo outputs in $(DEMO)/: pretrain/ (checkpoints, images/reconstruction_*.png), finetune/results.json (learned model, classical baselines, stage by rule), synth_0000_lesions.nii.gz"
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q

@@ -21,7 +21,8 @@ resampled straight from its own grid onto the stored grid, which is the PET fiel
 spacing (linear for CT and SUV, nearest for labels). See `petfm.data.records` for the fields stored.
 
 Output folder:
-  manifest.json                         splits, shards, per-study summary, prompts, config, errors
+  manifest.json                         splits, shards, per-study summary, prompts, config, errors, and
+                                        organ_labels (id → name, from the input's organs.json when present)
   records-<id>/<split>-00000-of-0000N.array_record   one record per study, `group_size:1`
   .staging/                             finished studies of an unfinished run (removed once packed)
 
@@ -525,6 +526,22 @@ class Summary:
     return "\n".join(lines)
 
 
+def read_organ_labels(input_dir: str) -> dict[str, str]:
+  """`input_dir/organs.json` ({"id": "name"} of the ORGANS.nii.gz label values, as `data_prep.synthetic`
+  writes), or {} when there is none."""
+  path = os.path.join(input_dir, "organs.json")
+  if not os.path.exists(path):
+    return {}
+  try:
+    with open(path) as f:
+      table = json.load(f)
+  except (OSError, ValueError) as e:
+    raise UserError(f"{path}: not a readable JSON file ({e})") from None
+  if not isinstance(table, dict) or not all(k.isdigit() and isinstance(v, str) for k, v in table.items()):
+    raise UserError(f"{path}: expected an object of label id → organ name, e.g. {{\"10\": \"liver\"}}")
+  return {str(int(k)): v for k, v in table.items()}
+
+
 def convert(input_dir: str, output_dir: str, config: ml_collections.ConfigDict, workers: int = 1,
             progress: bool = True) -> Summary:
   """Converts every study under `input_dir` into ArrayRecord shards + manifest.json in `output_dir`.
@@ -541,6 +558,7 @@ def convert(input_dir: str, output_dir: str, config: ml_collections.ConfigDict, 
   check_config(config)
   checks.output_dir(output_dir, "--output")
   layout, studies = find_studies(input_dir, config.layout)
+  organ_labels = read_organ_labels(input_dir)
   jobs, errors = plan_jobs(studies, config)
   for line in errors:
     _report(line)
@@ -557,7 +575,8 @@ def convert(input_dir: str, output_dir: str, config: ml_collections.ConfigDict, 
     else:
       done.add(job.key)
   packed = [job for job in jobs if job.key in done]
-  splits = _pack(output_dir, layout, packed, previous, errors, config)["splits"] if packed else {}
+  splits = (_pack(output_dir, layout, packed, previous, errors, config, organ_labels)["splits"]
+            if packed else {})
   if os.path.isdir(staging) and not os.listdir(staging):
     os.rmdir(staging)
   return Summary(
@@ -682,7 +701,8 @@ def _read_previous(output_dir: str) -> dict[str, tuple[str, int]]:
 
 
 def _pack(output_dir: str, layout: str, jobs: Sequence[Job], previous: dict[str, tuple[str, int]],
-          errors: Sequence[str], config: ml_collections.ConfigDict) -> dict[str, Any]:
+          errors: Sequence[str], config: ml_collections.ConfigDict,
+          organ_labels: dict[str, str] | None = None) -> dict[str, Any]:
   """Writes the shards of every split into a new `records-<id>/` folder, then the manifest; cleans up."""
   by_split = {split: sorted((j for j in jobs if j.split == split), key=lambda j: j.study.study_id)
               for split in SPLITS}
@@ -733,7 +753,7 @@ def _pack(output_dir: str, layout: str, jobs: Sequence[Job], previous: dict[str,
       "format": "petfm-records", "version": records.FORMAT_VERSION, "layout": layout,
       "spacing": [float(s) for s in np.broadcast_to(config.spacing, (3,))], "records_dir": records_dir,
       "splits": splits, "studies": studies, "prompts": sorted({j.text for j in jobs}),
-      "config": config.to_dict(), "errors": list(errors)}
+      "config": config.to_dict(), "errors": list(errors), "organ_labels": organ_labels or {}}
   records.write_atomic(os.path.join(output_dir, records.MANIFEST), json.dumps(manifest, indent=1))
   for name in os.listdir(output_dir):
     if (name.startswith("records-") and name != records_dir) or name.startswith(".tmp-") or name == STAGING:

@@ -7,9 +7,11 @@ ones continue from their checkpoints):
 
 Rows: from scratch, MAE, MAE + ContextAlign, FratMAE w/o ContextAlign, FratMAE, FratMAE axial. Each pretrained
 row pretrains once (seed 0) and is fine-tuned with `protocol=finetune` (layer-wise lr decay); the scratch row
-uses `protocol=scratch`. Columns: lesion Dice, FPV, FNV (test split, whole volumes) and staging accuracy and
-macro AUC, each at 10 % and 100 % of the training patients; mean ± std over the fine-tuning seeds (which also
-draw the labelled-patient subset).
+uses `protocol=scratch`. The table starts with rows that need no training (`paper_table.reference_rows`):
+the classical lesion rules of `petfm.eval.baselines` (staged by the Ann Arbor rule on their masks) and the
+staging rule on the true lesion maps. Columns: lesion Dice, FPV, FNV (test split, whole volumes) and staging
+accuracy and macro AUC, each at 10 % and 100 % of the training patients; mean ± std over the fine-tuning seeds
+(which also draw the labelled-patient subset).
 
 Sizes (`full`, ≈ 45 min on an idle 2-core CPU, see the README): 5 pretraining runs of 300 steps (batch 8,
 64 × 64 × 4 slabs, ViT tiny width 64 depth 4, patch 8), 72 fine-tuning runs (6 rows × 2 fractions × 3 seeds ×

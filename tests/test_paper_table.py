@@ -35,17 +35,19 @@ def _finished_runs(table, workdir):
   return dice
 
 
-def test_rerun_skips_finished_runs_and_aggregates_seeds(tmp_path):
+def test_rerun_skips_finished_runs_and_aggregates_seeds(tmp_path, monkeypatch):
   table = config_lib.load_module(os.path.join(REPO, "experiments", "paper_table.py")).get_config("full")
   assert len(table.rows) == 6 and tuple(table.seeds) == (0, 1, 2) and tuple(table.fractions) == (0.1, 1.0)
   data_dir, workdir = tmp_path / "records", str(tmp_path / "table")
   data_dir.mkdir()
   (data_dir / records.MANIFEST).write_text("{}")         # a cohort is there: nothing is generated
   dice = _finished_runs(table, workdir)
+  reference = {"suv>4 (no learning)": {f"lesions/dice@{f:g}": [0.25] for f in table.fractions}}
+  monkeypatch.setattr(paper_table, "reference_rows", lambda *args: dict(reference))
 
   results = paper_table.run_table(table, str(data_dir), workdir)          # would train if anything were missing
 
-  assert list(results) == [row[0] for row in table.rows]
+  assert list(results) == [*reference, *(row[0] for row in table.rows)]
   for name, values in dice.items():
     assert results[name]["lesions/dice@1"] == values
   stored = json.loads(open(os.path.join(workdir, "paper_table.json")).read())
@@ -56,6 +58,8 @@ def test_rerun_skips_finished_runs_and_aggregates_seeds(tmp_path):
   assert header[:6] == ["Pre-training", "Dice @10 %", "FPV mL @10 %", "FNV mL @10 %", "stage acc. @10 %",
                         "stage AUC @10 %"]
   rows = {cells[0]: cells for cells in ([c.strip() for c in line.strip("|").split("|")] for line in lines[4:])}
+  assert rows["suv>4 (no learning)"][header.index("Dice @100 %")] == "0.25"
+  assert rows["suv>4 (no learning)"][header.index("stage acc. @100 %")] == "n/a"   # no staging values
   mae = rows["MAE"]
   std = np.std([0.1, 0.11, 0.12], ddof=1)                # the sample std over the 3 seeds
   assert mae[header.index("Dice @100 %")] == f"{0.11:.3g} ± {std:.2g}"

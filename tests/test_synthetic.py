@@ -13,7 +13,10 @@ from data_prep import anatomy, convert, synthetic
 from data_prep.configs import convert as convert_configs
 from petfm import cli
 from petfm.data import records
+from petfm.downstream import data as ddata
+from petfm.eval import staging
 
+NAMES = {str(i): name for i, name in anatomy.ORGAN_LABELS.items()}   # organs.json / manifest organ_labels
 SCALE = 0.3  # voxels ≈ 11 × 11 × 15 mm: a whole body in ≈ 50 × 50 × 75 voxels
 
 
@@ -117,6 +120,7 @@ def test_stage_follows_lesion_placement_and_lesion_suv_range():
     lesion_suv = study.suv_true[study.seg > 0]
     assert lesion_suv.size and lesion_suv.min() >= 3 and lesion_suv.max() <= 20
     assert study.meta["ann_arbor_stage"] == reference_stage(study.seg, study.organs)
+    assert staging.stage_from_lesions(study.seg, study.organs, NAMES) == study.meta["ann_arbor_stage"]
     stages.append(study.meta["ann_arbor_stage"])
   assert len(set(stages)) >= 3, stages
 
@@ -132,6 +136,13 @@ def test_converter_reads_the_cohort_with_its_defaults(cohort, tmp_path):
     assert (entry["tracer"], entry["stage"], entry["patient_id"]) == (meta["tracer"], meta["ann_arbor_stage"],
                                                                      meta["patient_id"])
     assert entry["lesions"] and entry["spacing"] == [4.0, 4.0, 4.0]
+  assert manifest["organ_labels"] == NAMES
+  # the staging rule on the stored (resampled) lesion and organ maps gives the stored stage
+  stored = [r for split in ("train", "val", "test")
+            for r in ddata.read_records(str(tmp_path / "rec"), split, ("label", "organs", "stage"))]
+  assert len(stored) == 3
+  for record in stored:
+    assert staging.stage_from_lesions(record["label"], record["organs"], NAMES) == record["stage"]
 
 
 def test_rerun_skips_finished_studies_and_failed_writes_leave_nothing(cohort, tmp_path, monkeypatch):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import ml_collections
 import numpy as np
@@ -50,9 +50,10 @@ def view_study(record: dict, data: ml_collections.ConfigDict) -> Study:
                record["affine"], record["original_affine"], record["original_shape"], int(record["stage"]))
 
 
-def read_studies(data_dir: str, split: str, data: ml_collections.ConfigDict,
-                 patients: Sequence[str] | None = None) -> list[Study]:
-  """Every study of `split` (optionally only those of `patients`), in manifest order."""
+def read_records(data_dir: str, split: str, fields: Sequence[str],
+                 patients: Sequence[str] | None = None) -> Iterator[dict]:
+  """The decoded records (only `fields`) of every study of `split` (optionally only those of `patients`), in
+  manifest order."""
   from array_record.python.array_record_module import ArrayRecordReader
   manifest = records.read_manifest(data_dir)
   entries = [s for s in manifest["studies"] if s["split"] == split]
@@ -60,18 +61,21 @@ def read_studies(data_dir: str, split: str, data: ml_collections.ConfigDict,
     wanted = set(patients)
     entries = [s for s in entries if s["patient_id"] in wanted]
   readers: dict[str, ArrayRecordReader] = {}
-  studies = []
   try:
     for entry in entries:
       path = entry["shard"]
       if path not in readers:
         readers[path] = ArrayRecordReader(records.shard_files(data_dir, [path])[0])
-      record = records.decode(readers[path].read([entry["index"]])[0], fields=STUDY_FIELDS)
-      studies.append(view_study(record, data))
+      yield records.decode(readers[path].read([entry["index"]])[0], fields=fields)
   finally:
     for reader in readers.values():
       reader.close()
-  return studies
+
+
+def read_studies(data_dir: str, split: str, data: ml_collections.ConfigDict,
+                 patients: Sequence[str] | None = None) -> list[Study]:
+  """Every study of `split` (optionally only those of `patients`), in manifest order."""
+  return [view_study(r, data) for r in read_records(data_dir, split, STUDY_FIELDS, patients)]
 
 
 def split_patients(data_dir: str, split: str) -> list[str]:
@@ -110,21 +114,35 @@ def crop(study: Study, starts: Sequence[int], window: Sequence[int], pad: tuple[
   return {"pet": pet, "ct": ct, "label": label, "valid": valid.astype(np.uint8)}
 
 
-def sample_slabs(studies: Sequence[Study], window: Sequence[int], batch_size: int, rng: np.random.Generator,
-                 pad: tuple[float, float], foreground_fraction: float = 0.5) -> dict[str, np.ndarray]:
+def slab_centres(study: Study, hot_pet: float) -> dict[str, np.ndarray]:
+  """Candidate slab centres of a study (view axes, (N, 3) int): `lesion` voxels and `hot` voxels that are no
+  lesion but have normalised PET ≥ `hot_pet` (physiological uptake, spill-over: where false positives
+  arise)."""
+  hot = (study.pet >= hot_pet) & (study.label == 0)
+  return {"lesion": np.argwhere(study.label > 0), "hot": np.argwhere(hot)}
+
+
+def sample_slabs(studies: Sequence[Study], centres: Sequence[dict[str, np.ndarray]], window: Sequence[int],
+                 batch_size: int, rng: np.random.Generator, pad: tuple[float, float],
+                 foreground_fraction: float = 0.5, hard_fraction: float = 0.0) -> dict[str, np.ndarray]:
   """A training batch of random slabs (B, h, w, D): pet, ct float32, label uint8, valid uint8.
 
-  A study is drawn uniformly; with probability `foreground_fraction` (and when it has lesions) the slab is
-  centred on a random lesion voxel, otherwise its position is uniform; axes shorter than the window are
-  padded at a random offset."""
+  A study is drawn uniformly; with probability `foreground_fraction` (when it has lesions) the slab holds a
+  random lesion voxel, with probability `hard_fraction` a random `hot` voxel (hard negatives; `centres`: the
+  `slab_centres` of each study), otherwise its position is uniform. The chosen voxel lies at a uniformly
+  random place in the slab (not always at its centre, which a model would learn as a prior); axes shorter than
+  the window are padded at a random offset."""
   out: dict[str, list] = {"pet": [], "ct": [], "label": [], "valid": []}
   for _ in range(batch_size):
-    study = studies[rng.integers(len(studies))]
+    index = rng.integers(len(studies))
+    study = studies[index]
     shape = study.pet.shape
-    lesion = np.argwhere(study.label > 0) if rng.random() < foreground_fraction else np.zeros((0, 3))
-    if len(lesion):
-      centre = lesion[rng.integers(len(lesion))]
-      starts = [int(np.clip(c - w // 2, min(0, n - w), max(0, n - w)))
+    u = rng.random()
+    kind = "lesion" if u < foreground_fraction else "hot" if u < foreground_fraction + hard_fraction else ""
+    pool = centres[index][kind] if kind else np.zeros((0, 3))
+    if len(pool):
+      centre = pool[rng.integers(len(pool))]
+      starts = [int(np.clip(c - rng.integers(w), min(0, n - w), max(0, n - w)))
                 for c, w, n in zip(centre, window, shape)]
     else:
       starts = [int(rng.integers(min(0, n - w), max(0, n - w) + 1)) for n, w in zip(shape, window)]

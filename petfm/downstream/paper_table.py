@@ -21,6 +21,7 @@ import numpy as np
 from petfm import config as config_lib
 from petfm.data import records
 from petfm.errors import UserError
+from petfm.eval import baselines, staging
 from petfm.eval import metrics as metrics_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -70,10 +71,44 @@ def finetune_run(table: Any, task: str, protocol: str, method: str, view: str, f
   return finetune.train(config, folder)
 
 
+def reference_rows(data_dir: str, fractions: Any) -> dict[str, dict[str, list[float]]]:
+  """Rows that need no training, on the test split: each classical lesion rule of `petfm.eval.baselines`
+  (staging columns: the Ann Arbor rule of `petfm.eval.staging` on its mask), and the staging rule on the true
+  lesion maps (the upper bound). The same values at every label fraction (no labels are used)."""
+  from petfm.downstream import data as ddata
+  fields = ("study_id", "suv", "organs", "label", "spacing", "stage")
+  chosen = list(ddata.read_records(data_dir, "test", fields))
+  stations = staging.station_table(records.read_manifest(data_dir).get("organ_labels", {}))
+  staged = [r for r in chosen if r["stage"] in (1, 2, 3, 4)]
+
+  def stage_metrics(masks: list[np.ndarray]) -> dict[str, float]:
+    if not stations or not staged:
+      return {}
+    stages = [staging.stage_from_sites(staging.involved_sites(m, r["organs"]), stations)
+              for m, r in zip(masks, staged)]
+    return metrics_lib.classification_metrics(np.eye(4)[np.asarray(stages) - 1],
+                                              np.array([r["stage"] - 1 for r in staged]))
+
+  rows = {}
+  for name, result in baselines.evaluate(chosen).items():
+    values = {f"lesions/{m}": result[m] for m in ("dice", "fpv_ml", "fnv_ml")}
+    rule = baselines.BASELINES[name]
+    values.update({f"staging/{k}": v for k, v in stage_metrics([rule(r["suv"], r["organs"])
+                                                                 for r in staged]).items()})
+    rows[f"{name} (no learning)"] = values
+  truth = stage_metrics([r["label"] for r in staged])
+  if truth:
+    rows["stage rule on true lesions"] = {f"staging/{k}": v for k, v in truth.items()}
+  shown = {f"{task}/{metric}" for task, metric, _ in COLUMNS}
+  return {name: {f"{key}@{f:g}": [float(v)] for key, v in values.items() if key in shown for f in fractions}
+          for name, values in rows.items()}
+
+
 def run_table(table: Any, data_dir: str, workdir: str) -> dict[str, Any]:
-  """Runs (or resumes) every run of the table; returns {row: {f"{task}/{metric}@{fraction}": [per seed]}}."""
+  """Runs (or resumes) every run of the table; returns {row: {f"{task}/{metric}@{fraction}": [per seed]}},
+  the `reference_rows` first."""
   ensure_cohort(data_dir, table.cohort_patients)
-  results: dict[str, dict[str, list[float]]] = {}
+  results: dict[str, dict[str, list[float]]] = reference_rows(data_dir, table.fractions)
   start = time.perf_counter()
   for name, kind, method, view in table.rows:
     init_from = pretrain_run(table, method, view, data_dir, workdir) if kind == "pretrained" else ""

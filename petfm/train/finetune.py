@@ -12,12 +12,14 @@ Trainer order as in `pretrain.py`: set-up → mesh → data → model, init and 
 (seed, step), so a resumed run sees the batches an uninterrupted one would) and a finished run is only
 re-evaluated.
 The workdir gets `config.json`, `checkpoints/`, `metrics.jsonl`, TensorBoard events and `results.json`
-(aggregate metrics on `eval.split`, plus per-study rows).
+(aggregate metrics on `eval.split`, plus per-study rows; for lesions also `baselines`: the classical rules of
+`petfm.eval.baselines` on the same studies).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 from collections.abc import Callable
 from typing import Any
@@ -36,7 +38,9 @@ from petfm.data import checks, pipelines, records
 from petfm.downstream import data as ddata
 from petfm.downstream import lesions
 from petfm.errors import UserError
+from petfm.eval import baselines
 from petfm.eval import metrics as metrics_lib
+from petfm.eval import staging as staging_rule
 from petfm.models import fratmae, heads
 from petfm.train import common
 
@@ -261,6 +265,9 @@ class Batches:
   def __init__(self, config: ml_collections.ConfigDict, studies: list[ddata.Study]):
     self.config, self.studies = config, studies
     self.pad = ddata.pad_values(config.data)
+    if config.task == "lesions":
+      _, hot = pipelines.normalize(np.float32(0), np.float32(config.hard_negative_suv), config.data)
+      self.centres = [ddata.slab_centres(s, float(hot)) for s in studies]
     if config.task == "staging":
       self.stacks = [ddata.study_stack(s, window(config), config.staging.max_slabs, self.pad)
                      for s in studies]
@@ -270,8 +277,8 @@ class Batches:
     config = self.config
     rng = np.random.default_rng([config.seed, step])
     if config.task == "lesions":
-      return ddata.sample_slabs(self.studies, window(config), config.batch_size, rng, self.pad,
-                                config.foreground_fraction)
+      return ddata.sample_slabs(self.studies, self.centres, window(config), config.batch_size, rng, self.pad,
+                                config.foreground_fraction, config.hard_negative_fraction)
     picks = rng.integers(len(self.stacks), size=config.batch_size)
     batch = {k: np.stack([self.stacks[i][k] for i in picks]) for k in ("pet", "ct", "slab_valid")}
     batch["stage"] = self.stages[picks]
@@ -352,35 +359,63 @@ def predict_volume(config: ml_collections.ConfigDict, setup: Setup, params: Any,
   return np.ascontiguousarray(pipelines.from_view(prob, config.data.view))
 
 
+def stage_rows(truth_stages: list[int], predicted: dict[str, list[int]]) -> dict[str, Any]:
+  """Classification metrics of stages 1–4 given by rule, per source ({"from_truth": [...], …})."""
+  labels = np.asarray(truth_stages) - 1
+  return {"n": len(labels), **{name: metrics_lib.classification_metrics(np.eye(4)[np.asarray(stages) - 1],
+                                                                          labels)
+                               for name, stages in predicted.items()}}
+
+
 def evaluate(config: ml_collections.ConfigDict, setup: Setup, params: Any) -> dict[str, Any]:
-  """Metrics on `eval.split`: lesions → per-study Dice, FPV, FNV, HD95, NSD on the stored grid (and means);
-  staging → accuracy, macro-F1, one-vs-rest AUC over studies with a known stage."""
-  studies = ddata.read_studies(config.data_dir, config.eval.split, config.data)
-  if config.eval.max_studies:
-    studies = studies[:config.eval.max_studies]
-  if not studies:
+  """Metrics on `eval.split`.
+
+  lesions → per-study Dice, FPV, FNV, HD95, NSD on the stored grid (and means), `baselines` (the classical
+  rules of `petfm.eval.baselines` on the same studies) and, when the manifest names the organ labels,
+  `staging_by_rule` (Ann Arbor stage by `petfm.eval.staging` from the true and from the predicted lesion map);
+  staging → accuracy, macro-F1, one-vs-rest AUC over studies with a known stage, plus `rule_from_truth`."""
+  fields = (*ddata.STUDY_FIELDS, "organs")
+  found = ddata.read_records(config.data_dir, config.eval.split, fields)
+  chosen = list(itertools.islice(found, config.eval.max_studies or None))
+  if not chosen:
     raise UserError(f"{config.data_dir}: split {config.eval.split!r} has no studies to evaluate on")
+  organ_labels = records.read_manifest(config.data_dir).get("organ_labels", {})
+  stations = staging_rule.station_table(organ_labels)
+  staged = [r for r in chosen if r["stage"] in (1, 2, 3, 4)]
+  by_rule = lambda mask, r: staging_rule.stage_from_sites(staging_rule.involved_sites(mask, r["organs"]),
+                                                         stations)  # noqa: E731
   if config.task == "lesions":
-    rows = []
-    for study in studies:
-      prob = predict_volume(config, setup, params, study)
-      truth = pipelines.from_view(study.label, config.data.view)
-      row = lesions.study_metrics(prob >= config.eval.threshold, truth, study.spacing)
-      rows.append({"study_id": study.study_id, **row})
-    return {"task": "lesions", "split": config.eval.split, **lesions.summarize(rows), "studies": rows}
-  pad = ddata.pad_values(config.data)
-  studies = [s for s in studies if s.stage in (1, 2, 3, 4)]
-  if not studies:
+    rows, predicted = [], {}
+    for record in chosen:
+      study = ddata.view_study(record, config.data)
+      pred = predict_volume(config, setup, params, study) >= config.eval.threshold
+      rows.append({"study_id": study.study_id, **lesions.study_metrics(pred, record["label"], study.spacing)})
+      predicted[study.study_id] = pred
+    results = {"task": "lesions", "split": config.eval.split, **lesions.summarize(rows), "studies": rows,
+               "baselines": baselines.evaluate(chosen)}
+    if stations and staged:
+      results["staging_by_rule"] = stage_rows(
+          [r["stage"] for r in staged], {"from_truth": [by_rule(r["label"], r) for r in staged],
+                                         "from_prediction": [by_rule(predicted[r["study_id"]], r)
+                                                             for r in staged]})
+    return results
+  if not staged:
     raise UserError(f"{config.data_dir}: no {config.eval.split} study has a known Ann Arbor stage")
+  pad = ddata.pad_values(config.data)
   scores = []
-  for study in studies:
-    stack = ddata.study_stack(study, window(config), config.staging.max_slabs, pad)
+  for record in staged:
+    stack = ddata.study_stack(ddata.view_study(record, config.data), window(config), config.staging.max_slabs,
+                              pad)
     with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
       scores.append(np.asarray(setup.predict(params, stack["pet"][None], stack["ct"][None],
                                              stack["slab_valid"][None]))[0])
-  labels = np.array([ddata.stage_index(s.stage, config.staging.classes) for s in studies])
-  result = metrics_lib.classification_metrics(np.stack(scores), labels)
-  return {"task": "staging", "split": config.eval.split, **result}
+  labels = np.array([ddata.stage_index(r["stage"], config.staging.classes) for r in staged])
+  results = {"task": "staging", "split": config.eval.split,
+             **metrics_lib.classification_metrics(np.stack(scores), labels)}
+  if stations and config.staging.classes == "ann_arbor":
+    results["rule_from_truth"] = stage_rows([r["stage"] for r in staged],
+                                            {"from_truth": [by_rule(r["label"], r) for r in staged]})
+  return results
 
 
 def load_finetuned(workdir: str) -> tuple[ml_collections.ConfigDict, Setup, Any]:
@@ -416,12 +451,26 @@ def load_finetuned(workdir: str) -> tuple[ml_collections.ConfigDict, Setup, Any]
 
 
 def summary_line(results: dict[str, Any]) -> str:
-  """One human-readable line of a run's results."""
+  """Human-readable lines of a run's results (lesions: the learned model, then each classical baseline)."""
   if results["task"] == "lesions":
-    return (f"lesion segmentation on the {results['split']} split ({len(results['studies'])} studies): "
-            f"Dice {results['dice']:.3f}, FPV {results['fpv_ml']:.1f} mL, FNV {results['fnv_ml']:.1f} mL")
-  return (f"Ann Arbor staging on the {results['split']} split: accuracy {results['accuracy']:.3f}, "
+    def figures(r: dict[str, Any]) -> str:
+      return f"Dice {r['dice']:.3f}, FPV {r['fpv_ml']:.1f} mL, FNV {r['fnv_ml']:.1f} mL"
+
+    lines = [f"lesion segmentation on the {results['split']} split ({len(results['studies'])} studies), "
+             "whole volumes, autoPET metrics:", f"  {'learned model':18s} {figures(results)}"]
+    lines += [f"  {name:18s} {figures(row)}" for name, row in results.get("baselines", {}).items()]
+    rule = results.get("staging_by_rule")
+    if rule:
+      lines.append(f"Ann Arbor stage by rule ({rule['n']} studies): accuracy "
+                   f"{rule['from_prediction']['accuracy']:.3f} from the predicted lesion map, "
+                   f"{rule['from_truth']['accuracy']:.3f} from the true one")
+    return "\n".join(lines)
+  line = (f"Ann Arbor staging on the {results['split']} split: accuracy {results['accuracy']:.3f}, "
           f"macro-F1 {results['macro_f1']:.3f}, AUC {results['macro_auc']:.3f}")
+  if "rule_from_truth" in results:
+    truth = results["rule_from_truth"]["from_truth"]["accuracy"]
+    line += f" (stage by rule from the true lesion map: {truth:.3f})"
+  return line
 
 
 def main(argv: list[str]) -> int:
@@ -429,6 +478,7 @@ def main(argv: list[str]) -> int:
       argv, "finetune", workdir="output folder: checkpoints, metrics, results.json")
   with checks.discarded_on_error(parsed.workdir):
     results = train(parsed.config, parsed.workdir)
-  print(json.dumps({k: v for k, v in results.items() if k != "studies"}, default=float))
+  print(json.dumps({k: v for k, v in results.items() if k not in ("studies", "baselines", "staging_by_rule",
+                                                                 "rule_from_truth")}, default=float))
   print(summary_line(results))
   return 0
