@@ -5,7 +5,9 @@ COMMAND (tiny model on the synthetic cohort, CPU):
       --config.data_dir=demo_out/records
 
 ARG is a variant optionally followed by comma-separated settings:
-  variant   tiny | vit_b_ori                      (tiny: 32³ crops, tiny Sam3D; vit_b_ori: the official 128³
+  variant   tiny | vit_b_ori                      (tiny: 32³ crops at 4 mm, tiny Sam3D with 4³ patches, so
+                                                   its 4·grid logits are at the crop's full resolution, half
+                                                   the crops around lesions; vit_b_ori: the official 128³
                                                    model)
   backbone  sam3d | fratmae_twin                  (default sam3d: PET only; fratmae_twin: PET + CT twin ViTs)
   cpcl      False | True                          (cross-prompting confident learning, see
