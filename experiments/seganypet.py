@@ -5,7 +5,9 @@ COMMAND (tiny model on the synthetic cohort, CPU):
       --config.data_dir=demo_out/records
 
 ARG is a variant optionally followed by comma-separated settings:
-  variant   tiny | vit_b_ori                      (tiny: 32³ crops, tiny Sam3D; vit_b_ori: the official 128³
+  variant   tiny | vit_b_ori                      (tiny: 32³ crops at 4 mm, tiny Sam3D with 4³ patches, so
+                                                   its 4·grid logits are at the crop's full resolution, half
+                                                   the crops around lesions; vit_b_ori: the official 128³
                                                    model)
   backbone  sam3d | fratmae_twin                  (default sam3d: PET only; fratmae_twin: PET + CT twin ViTs)
   cpcl      False | True                          (cross-prompting confident learning, see
@@ -25,12 +27,12 @@ from petfm.seganypet import promptable
 
 VARIANTS = {
     # crop side, Sam3D config name + overrides, twin ViT sizes, batch, steps, lr, click rounds, zoom
-    "tiny": dict(crop=32, sam="tiny", sam_overrides=dict(patch_size=8), encoder=dict(width=64, depth=2,
-                 num_heads=4, mlp_dim=128), batch_size=8, total_steps=200, lr=1e-3, warmup_steps=10, rounds=4,
-                 zoom=1.0),
+    "tiny": dict(crop=32, sam="tiny", sam_overrides=dict(patch_size=4, window_size=0), encoder=dict(
+                 width=64, depth=2, num_heads=4, mlp_dim=128), batch_size=8, total_steps=400, lr=1e-3,
+                 warmup_steps=20, rounds=3, zoom=1.0, balance_kinds=True, samples_per_read=4),
     "vit_b_ori": dict(crop=128, sam="vit_b_ori", sam_overrides={}, encoder=dict(width=768, depth=12,
                       num_heads=12, mlp_dim=3072), batch_size=12, total_steps=100_000, lr=8e-5,
-                      warmup_steps=1_000, rounds=11, zoom=1.0),
+                      warmup_steps=1_000, rounds=11, zoom=1.0, balance_kinds=False, samples_per_read=2),
 }
 
 
@@ -63,7 +65,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.crop_size = (v["crop"],) * 3
   c.data.zoom = v["zoom"]
   c.data.channels = ("pet",) if args.backbone == "sam3d" else ("pet", "ct")
-  c.data.samples_per_read = 2
+  c.data.samples_per_read = v["samples_per_read"]     # crops cut from one decoded study
+  c.data.balance_kinds = v["balance_kinds"]           # half the crops around lesions (see pipelines)
   if args.backbone == "sam3d":
     c.data.suv_scale = "linear"
     c.data.suv_clip = promptable.OFFICIAL_INTENSITIES["suv_clip"]

@@ -1,16 +1,19 @@
-"""`petfm eval-clicks --checkpoint DIR --data_dir RECORDS --out DIR`: Dice and surface Dice after 1, 3, 5 and
-10 simulated clicks per target.
+"""`petfm eval-clicks --checkpoint DIR --data_dir RECORDS --out DIR [--baseline]`: Dice and surface Dice
+after 1, 3, 5 and 10 simulated clicks per target, for organs, lymph-node stations and lesions.
 
-Every target of the split (each organ of the organ map and each lesion component) is cropped once by the
-evaluation crop pipeline with the model's crop size, spacing, channels and intensities
-(`promptable.data_config_for`), embedded once, then clicked up to the largest count: each new click goes to
-the most interior voxel of the largest error component of the current mask (`clicks.next_click`,
-deterministic), clicks accumulate, and the previous low-res logits are the mask prompt. The mask after k
+Every target of the split (each organ or node station of the organ map and each lesion component) is cropped
+once by the evaluation crop pipeline with the model's crop size, spacing, channels and intensities
+(`promptable.data_config_for`), centred on the target's centroid, then clicked up to the largest count: each
+new click goes to the most interior voxel of the largest error component of the current mask
+(`clicks.next_click`, deterministic; the first one is the target's most interior voxel), clicks accumulate,
+and the model sees all clicks so far plus its previous low-res logits as the mask prompt. The mask after k
 clicks is scored against the crop's truth (Dice, surface Dice at `--tolerance_mm`, crop spacing). Works for
-both backbones (SAM-Med3D and the FratMAE twin) and for converted official checkpoints.
+both backbones (SAM-Med3D and the FratMAE twin) and for converted official checkpoints. `--baseline` also
+scores the no-learning click baseline (`baseline.SuvThreshold`: SUV ≥ 41 % of the local SUVmax, the
+component containing the click) on the same crops with its own simulated clicks.
 
-Writes to OUT: `clicks.json` (one row per target), `clicks.md` (mean per organ / lesion and overall) and
-`dice_vs_clicks.png`.
+Writes to OUT: `clicks.json` (one row per method and target), `clicks.md` (mean per category, per method;
+then per target name) and `dice_vs_clicks.png`.
 """
 
 from __future__ import annotations
@@ -21,14 +24,15 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from data_prep.anatomy import ORGAN_LABELS
+from data_prep.anatomy import NODAL_STATIONS, ORGAN_LABELS
 from petfm import viz
 from petfm.data import checks, pipelines, records
 from petfm.errors import ArgumentParser, UserError
 from petfm.eval import metrics
-from petfm.seganypet import clicks, promptable
+from petfm.seganypet import baseline, clicks, promptable
 
 CLICK_COUNTS = (1, 3, 5, 10)
+CATEGORIES = ("organs", "node stations", "lesions")
 
 
 def target_name(kind: int, ident: int) -> str:
@@ -37,11 +41,19 @@ def target_name(kind: int, ident: int) -> str:
   return ORGAN_LABELS.get(ident, f"organ {ident}")
 
 
-def click_scores(model: promptable.ClickModel, image: np.ndarray, truth: np.ndarray, spacing: Sequence[float],
-                 counts: Sequence[int] = CLICK_COUNTS, tolerance_mm: float = 1.0) -> dict[str, float]:
-  """One crop (S, S, S, C), truth (S, S, S) → {dice_k, surface_dice_k} for k in counts."""
-  embedding = model.embed(image)
-  points, labels, low = [], [], None
+def category(kind: int, ident: int) -> str:
+  if kind == records.TARGET_LESION:
+    return "lesions"
+  return "node stations" if ident in NODAL_STATIONS else "organs"
+
+
+def click_scores(model: promptable.ClickModel | baseline.SuvThreshold, image: np.ndarray, truth: np.ndarray,
+                 spacing: Sequence[float], counts: Sequence[int] = CLICK_COUNTS, tolerance_mm: float = 1.0
+                 ) -> dict[str, float]:
+  """One crop (S, S, S, C), truth (S, S, S) → {dice_k, surface_dice_k} for k in counts. `model` is anything
+  with `session(image)` → clicks(points, labels) → mask."""
+  segment = model.session(image)
+  points, labels = [], []
   pred = np.zeros(truth.shape, bool)
   out = {}
   for k in range(1, max(counts) + 1):
@@ -49,8 +61,7 @@ def click_scores(model: promptable.ClickModel, image: np.ndarray, truth: np.ndar
     if click is not None:
       points.append(click[0])
       labels.append(click[1])
-      low = model.predict(embedding, points, labels, low)
-      pred = model.upsample(low) > 0
+      pred = segment(points, labels)
     if k in counts:
       out[f"dice_{k}"] = metrics.dice(pred, truth)
       out[f"surface_dice_{k}"] = metrics.surface_dice(pred, truth, spacing, tolerance_mm)
@@ -58,10 +69,13 @@ def click_scores(model: promptable.ClickModel, image: np.ndarray, truth: np.ndar
 
 
 def evaluate(model: promptable.ClickModel, data_dir: str, split: str = "test",
-             counts: Sequence[int] = CLICK_COUNTS, tolerance_mm: float = 1.0) -> list[dict]:
-  """One row per target of `split`: study index, kind, id, name and the scores of `click_scores`."""
+             counts: Sequence[int] = CLICK_COUNTS, tolerance_mm: float = 1.0,
+             baselines: Sequence[baseline.SuvThreshold] = ()) -> list[dict]:
+  """One row per method (the model, then `baselines`) and target of `split`: method, study index, kind, id,
+  name, category and the scores of `click_scores`. Every method sees the model's crops."""
   if split not in records.read_manifest(data_dir)["splits"]:
     raise UserError(f"{data_dir}: has no split {split!r}")
+  methods = [(model.spec.backbone, model)] + [(b.name, b) for b in baselines]
   cfg = promptable.data_config_for(model.spec, data_dir)
   rows = []
   for batch in pipelines.crop_dataset(data_dir, split, cfg, seed=0, train=False, batch_size=1, shard_index=0,
@@ -72,35 +86,49 @@ def evaluate(model: promptable.ClickModel, data_dir: str, split: str = "test",
     truth = batch["mask"][0] > 0
     if not truth.any():
       continue
-    row = {"study": int(batch["index"][0]), "kind": kind, "id": ident, "name": target_name(kind, ident)}
-    row.update(click_scores(model, batch["image"][0], truth, model.spec.spacing, counts, tolerance_mm))
-    rows.append(row)
+    for name, method in methods:
+      row = {"method": name, "study": int(batch["index"][0]), "kind": kind, "id": ident,
+             "name": target_name(kind, ident), "category": category(kind, ident)}
+      row.update(click_scores(method, batch["image"][0], truth, model.spec.spacing, counts, tolerance_mm))
+      rows.append(row)
   if not rows:
     raise UserError(f"{data_dir}: split {split!r} has no targets to evaluate")
   return rows
 
 
+def _means(rows: list[dict], counts: Sequence[int]) -> list[str]:
+  stats = metrics.aggregate(rows)
+  return [f"{stats[f'{m}_{k}']['mean']:.3f}" for m in ("dice", "surface_dice") for k in counts]
+
+
 def table(rows: list[dict], counts: Sequence[int] = CLICK_COUNTS) -> str:
-  """Markdown: mean Dice / surface Dice after each click count, per target name and overall."""
-  names = sorted({r["name"] for r in rows}, key=lambda n: (n == "lesion", n))
-  header = ["target", "n"] + [f"Dice@{k}" for k in counts] + [f"SD@{k}" for k in counts]
-  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-  for name in names + ["all"]:
-    group = [r for r in rows if name in ("all", r["name"])]
-    stats = metrics.aggregate(group)
-    cells = [f"{stats[f'{m}_{k}']['mean']:.3f}" for m in ("dice", "surface_dice") for k in counts]
-    lines.append(f"| {name} | {len(group)} | " + " | ".join(cells) + " |")
-  return "\n".join(lines) + "\n"
+  """Markdown: mean Dice / surface Dice after each click count per method and category (and all targets),
+  then per method and target name."""
+  header = ["method", "targets", "n"] + [f"Dice@{k}" for k in counts] + [f"SD@{k}" for k in counts]
+  head = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  methods = list(dict.fromkeys(r["method"] for r in rows))
+  summary, detail = list(head), list(head)
+  for method in methods:
+    mine = [r for r in rows if r["method"] == method]
+    for group in [c for c in CATEGORIES if any(r["category"] == c for r in mine)] + ["all"]:
+      chosen = [r for r in mine if group in ("all", r["category"])]
+      summary.append(f"| {method} | {group} | {len(chosen)} | " + " | ".join(_means(chosen, counts)) + " |")
+    for name in sorted({r["name"] for r in mine}, key=lambda n: (n == "lesion", n)):
+      chosen = [r for r in mine if r["name"] == name]
+      detail.append(f"| {method} | {name} | {len(chosen)} | " + " | ".join(_means(chosen, counts)) + " |")
+  return "\n".join(summary) + "\n\nPer target:\n\n" + "\n".join(detail) + "\n"
 
 
-def write(rows: list[dict], out_dir: str, label: str, counts: Sequence[int] = CLICK_COUNTS) -> None:
+def write(rows: list[dict], out_dir: str, counts: Sequence[int] = CLICK_COUNTS) -> None:
   os.makedirs(out_dir, exist_ok=True)
   records.write_atomic(os.path.join(out_dir, "clicks.json"), json.dumps(rows, indent=1))
   records.write_atomic(os.path.join(out_dir, "clicks.md"), table(rows, counts))
   series = {}
-  for name in sorted({r["name"] for r in rows}) + ["all"]:
-    group = metrics.aggregate([r for r in rows if name in ("all", r["name"])])
-    series[f"{label}: {name}"] = (list(counts), [group[f"dice_{k}"]["mean"] for k in counts])
+  for method in dict.fromkeys(r["method"] for r in rows):
+    mine = [r for r in rows if r["method"] == method]
+    for group in sorted({r["category"] for r in mine}) + ["all"]:
+      stats = metrics.aggregate([r for r in mine if group in ("all", r["category"])])
+      series[f"{method}: {group}"] = (list(counts), [stats[f"dice_{k}"]["mean"] for k in counts])
   viz.line_plot(series, os.path.join(out_dir, "dice_vs_clicks.png"), "clicks", "Dice", "Dice vs clicks")
 
 
@@ -112,11 +140,14 @@ def main(argv: Sequence[str]) -> int:
   parser.add_argument("--out", required=True, help="output folder")
   parser.add_argument("--split", default="test")
   parser.add_argument("--tolerance_mm", type=float, default=1.0, help="surface Dice tolerance")
+  parser.add_argument("--baseline", action="store_true",
+                      help="also score the no-learning SUV-threshold click baseline on the same crops")
   args = parser.parse_args(argv)
   checks.output_dir(args.out, "--out")
   records.read_manifest(args.data_dir)
   model = promptable.ClickModel.load(args.checkpoint)
-  rows = evaluate(model, args.data_dir, args.split, CLICK_COUNTS, args.tolerance_mm)
-  write(rows, args.out, model.spec.backbone)
+  baselines = [baseline.SuvThreshold(model.spec)] if args.baseline else []
+  rows = evaluate(model, args.data_dir, args.split, CLICK_COUNTS, args.tolerance_mm, baselines)
+  write(rows, args.out)
   print(table(rows))
   return 0

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -160,6 +160,17 @@ class ClickModel:
   def upsample(self, logits: jax.Array) -> np.ndarray:
     """Low-res logits (m, m, m) → (S, S, S) float32 logits on the crop."""
     return np.asarray(sam3d.upsample_logits(logits[None], self.size)[0])
+
+  def session(self, image: np.ndarray) -> Callable[[Sequence, Sequence], np.ndarray]:
+    """(S, S, S, C) crop → function of all clicks so far (points (N, 3), labels (N,)) → mask (S, S, S) bool
+    (sigmoid > 0.5); the embedding is computed once and the previous low-res logits are the mask prompt."""
+    embedding, low = self.embed(image), None
+
+    def click(points: Sequence, labels: Sequence) -> np.ndarray:
+      nonlocal low
+      low = self.predict(embedding, points, labels, low)
+      return self.upsample(low) > 0
+    return click
 
 
 def load_trained(workdir: str) -> tuple[ModelSpec, Any]:

@@ -7,7 +7,8 @@ step, RNG and the grain iterator state). The workdir also gets `model.json` (`pr
 sizes, crop spacing, channels, intensities), which `eval-clicks` and `segment` read.
 
 One train step (a single jitted function) per batch of crops around targets (every organ of the organ map and
-every lesion component; `crop_dataset`): the image embedding is computed once, then `clicks.rounds` rounds
+every lesion component; `crop_dataset`, with `data.balance_kinds` half of them lesions): the image embedding
+is computed once, then `clicks.rounds` rounds
 (a `lax.scan`) each draw one click per sample from the current error region (`clicks.sample_clicks`: FN →
 positive, FP → negative; the first round has an empty prediction, so its click is a positive truth voxel),
 add it to the clicks so far (fixed-size point array; future slots are ABSENT, invisible to the decoder, so
