@@ -75,7 +75,7 @@ CT_FILL_HU = -1024
 CONVERTER_VERSION = 1
 # Lesion label values each layout allows: autoPET masks are binary, HECKTOR has 1 GTVp and 2 GTVn (other
 # sources: any uint8 value).
-LABEL_VALUES = {"autopet": (0, 1), "nnunet": (0, 1), "hecktor": (0, 1, 2)}
+LABEL_VALUES = {"autopet": (0, 1), "nnunet": (0, 1), "hecktor": (0, 1, 2), "dicom": (0, 1)}
 _LAYOUT_HINTS = {
     "autopet": "<patient>/<study>/ with CTres.nii.gz, SUV.nii.gz, SEG.nii.gz",
     "nnunet": "imagesTr/<case>_0000.nii.gz (CT) and <case>_0001.nii.gz (PET) with labelsTr/<case>.nii.gz",

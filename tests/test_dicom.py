@@ -204,6 +204,14 @@ def test_read_series_geometry_equals_the_nifti_affine_and_orders_slices(tmp_path
     dicom.read_series([str(p) for p in (tmp_path / "t").iterdir()], "study t", allow_tilt=False)
 
 
+def test_a_series_above_the_image_memory_limit_is_one_line_before_it_is_read(tmp_path, monkeypatch):
+  write_series(tmp_path / "t", ct_values(CT_SHAPE), TILTED_GEOMETRY, "CT", study_headers("1.2", "1.3", "p"),
+               np.random.default_rng(0))
+  monkeypatch.setenv("PETFM_MAX_IMAGE_BYTES", "1K")
+  with pytest.raises(UserError, match=r"^study t: .* slices of .* above the 0.0 GiB limit \(PETFM_MAX_IMAGE"):
+    dicom.read_series(sorted(str(p) for p in (tmp_path / "t").iterdir()), "study t")
+
+
 def write_dicom_cohort(root, twins, rng):
   """Good studies (with NIfTI twins in autoPET layout under `twins`) and broken ones; returns expected SUV."""
   expected = {}
