@@ -30,7 +30,7 @@ demo: $(VENV)/.installed
 	@echo "demo outputs in $(DEMO)/: pretrain/ (checkpoints, images/reconstruction_*.png), finetune/results.json (learned model, classical baselines, stage by rule), synth_0000_lesions.nii.gz"
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile   # two workers; a test file stays on one worker
 
 clean:
 	rm -rf $(VENV) $(DEMO) .pytest_cache

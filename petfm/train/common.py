@@ -12,6 +12,7 @@ import os
 import shutil
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -306,7 +307,9 @@ class MetricsLogger:
     jsonl = os.path.join(self.local, "metrics.jsonl")
     if not paths.is_local(workdir) and paths.exists(paths.join(workdir, "metrics.jsonl")):
       shutil.copyfile(paths.local_copy(paths.join(workdir, "metrics.jsonl")), jsonl)   # resume appends
-    self.writer = SummaryWriter(os.path.join(self.local, "tensorboard"))
+    # events files are named by the second and host: a run resumed within the same second would overwrite them
+    self.writer = SummaryWriter(os.path.join(self.local, "tensorboard"),
+                                filename_suffix=f".{os.getpid()}.{uuid.uuid4().hex[:8]}")
     self.jsonl = open(jsonl, "a")
     self.bar = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True, unit="step")
 
