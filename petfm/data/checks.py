@@ -95,6 +95,18 @@ def memory_limit() -> tuple[int, str]:
   return limit, why
 
 
+def check_memory(shape: Sequence[int], dtype: np.dtype, where: str) -> None:
+  """`UserError` when a volume of `shape` stored as `dtype` (plus one float64 working copy) would cost more than
+  `memory_limit()`."""
+  dtype = np.dtype(dtype)
+  cost = int(np.prod(shape, dtype=object)) * (dtype.itemsize + WORKING_BYTES_PER_VOXEL)
+  limit, why = memory_limit()
+  if cost > limit:
+    raise UserError(f"{where}: a {'×'.join(map(str, shape))} {dtype} volume needs about {_size(cost)} of "
+                    f"memory, over the limit of {_size(limit)} ({why}; raise {MAX_IMAGE_BYTES_ENV} for "
+                    "bigger images)")
+
+
 def _size(n: float) -> str:
   units = ("bytes", "KiB", "MiB", "GiB", "TiB", "PiB")
   power = 0
@@ -148,12 +160,8 @@ def nifti_header(path: str, where: str) -> nib.Nifti1Image:
   if min(shape) <= 0:
     raise UserError(f"{where}: has shape {shape} with an empty axis")
   voxels = int(np.prod(shape, dtype=object))  # Python ints: no overflow for any header
-  stored, cost = voxels * dtype.itemsize, voxels * (dtype.itemsize + WORKING_BYTES_PER_VOXEL)
-  limit, why = memory_limit()
-  if cost > limit:
-    raise UserError(f"{where}: a {'×'.join(map(str, shape))} {dtype} volume needs about {_size(cost)} of "
-                    f"memory, over the limit of {_size(limit)} ({why}; raise {MAX_IMAGE_BYTES_ENV} for "
-                    "bigger images)")
+  stored = voxels * dtype.itemsize
+  check_memory(shape, dtype, where)
   compressed = path.endswith(".gz")
   if compressed and stored > GZIP_MAX_RATIO * file_size:
     raise UserError(f"{where}: the header claims {shape} {dtype} voxels ({_size(stored)}), more than a "

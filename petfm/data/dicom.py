@@ -158,16 +158,6 @@ class Volume:
   tilt_deg: float
 
 
-def _check_memory(slice_shape: tuple[int, ...], n_slices: int, where: str) -> None:
-  """`UserError` when a series of `n_slices` slices of `slice_shape` would exceed `checks.memory_limit` (float32
-  volume plus one float64 working copy, as for NIfTI)."""
-  needed = n_slices * int(np.prod(slice_shape)) * (4 + checks.WORKING_BYTES_PER_VOXEL)
-  limit, why = checks.memory_limit()
-  if needed > limit:
-    raise UserError(f"{where}: {n_slices} slices of {slice_shape[0]}x{slice_shape[1]} need about "
-                    f"{needed / 2**30:.1f} GiB, above the {limit / 2**30:.1f} GiB limit ({why})")
-
-
 def read_series(files: Sequence[str], where: str, allow_tilt: bool = True) -> Volume:
   """Reads the slices `files` of one series into a volume (see `Volume`).
 
@@ -192,7 +182,7 @@ def read_series(files: Sequence[str], where: str, allow_tilt: bool = True) -> Vo
       raise UserError(f"{where}: {os.path.basename(path)}: holds {ds.get('NumberOfFrames', '?')} frames; "
                       "only one slice per file (classic DICOM) is supported")
     if not slices:
-      _check_memory(pixels.shape, len(files), where)
+      checks.check_memory((*pixels.shape, len(files)), np.float32, where)  # before the slices pile up
     slices.append((ds, apply_modality_lut(pixels, ds).astype(np.float32)))  # slope and intercept per slice
   if not slices:
     raise UserError(f"{where}: the series has no files")
