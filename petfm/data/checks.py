@@ -96,8 +96,8 @@ def memory_limit() -> tuple[int, str]:
 
 
 def check_memory(shape: Sequence[int], dtype: np.dtype, where: str) -> None:
-  """`UserError` when a volume of `shape` stored as `dtype` (plus one float64 working copy) would cost more than
-  `memory_limit()`."""
+  """`UserError` when a volume of `shape` stored as `dtype` (plus one float64 working copy) would cost more
+  than `memory_limit()`."""
   dtype = np.dtype(dtype)
   cost = int(np.prod(shape, dtype=object)) * (dtype.itemsize + WORKING_BYTES_PER_VOXEL)
   limit, why = memory_limit()
@@ -227,8 +227,8 @@ def check_labels(data: np.ndarray, where: str, allowed: Collection[int], meaning
 
 
 def read_json(path: str, what: str, fields: Sequence[str] = ()) -> dict[str, Any]:
-  """The JSON object in `path` (e.g. a workdir's config.json); `UserError` naming `what` and the file when it is
-  unreadable, not an object, or lacks one of the dotted `fields` (e.g. `"data.view"`)."""
+  """The JSON object in `path` (e.g. a workdir's config.json); `UserError` naming `what` and the file when it
+  is unreadable, not an object, or lacks one of the dotted `fields` (e.g. `"data.view"`)."""
   try:
     value = json.loads(paths.read_text(path))
   except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
