@@ -13,6 +13,8 @@ ARG is a variant optionally followed by comma-separated settings:
                                                              pretraining run)
   view      coronal | axial
   fraction  labelled share of the training patients: 0.1, 0.25, 0.5, 1.0   (default 1.0)
+  patients  labelled training patients as a count, e.g. 1, 3, 10 (default 0: use `fraction`); for one
+            seed the subsets are nested
   head      unetr | linear                                  (segmentation head, default unetr)
 
 With `--config.init_from=PRETRAIN_WORKDIR` the backbone config (method, sizes, patch) and the data view,
@@ -39,7 +41,7 @@ VARIANT = {
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   args = parse_arg(arg, variant="tiny", task="lesions", protocol="finetune", method="fratmae", view="coronal",
-                   fraction=1.0, head="unetr")
+                   fraction=1.0, patients=0, head="unetr")
   if args.variant not in VARIANT:
     raise ValueError(f"unknown variant {args.variant!r}; known: {', '.join(VARIANT)}")
   sizes = VARIANT[args.variant]
@@ -48,6 +50,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.task = args.task                                   # lesions | staging
   c.protocol = args.protocol                           # linear | finetune | scratch
   c.label_fraction = args.fraction                     # of the training patients (seeded, nested subsets)
+  c.label_patients = args.patients                     # or a count of training patients (0 = use fraction)
   c.init_from = ""                                     # pretraining workdir ('' = random init)
   c.seed = 0
   c.data_dir = "demo_out/records"

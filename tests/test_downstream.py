@@ -164,6 +164,12 @@ def test_labelled_subsets_are_seeded_nested_and_never_empty():
   assert (ten != ddata.labelled_subset(patients, 0.1, seed=4)
           or quarter != ddata.labelled_subset(patients, 0.25, 4))
   assert len(ddata.labelled_subset(patients[:3], 0.1, seed=0)) == 1
+  one, three, ten = (ddata.labelled_subset(patients, 1.0, seed=3, count=n) for n in (1, 3, 10))
+  assert len(one) == 1 and len(ten) == 10 and set(one) <= set(three) <= set(ten)
+  with pytest.raises(UserError, match="label_patients: 21 exceeds the 20 training patients"):
+    ddata.labelled_subset(patients, 1.0, seed=0, count=21)
+  with pytest.raises(UserError, match="label_patients: set either"):
+    finetune.validate(finetune_config("tiny,patients=3,fraction=0.5"))
 
 
 def test_layer_wise_lr_decay_multipliers():

@@ -84,16 +84,20 @@ def split_patients(data_dir: str, split: str) -> list[str]:
   return sorted({s["patient_id"] for s in manifest["studies"] if s["split"] == split})
 
 
-def labelled_subset(patients: Sequence[str], fraction: float, seed: int) -> list[str]:
-  """The patients whose labels are used: ceil(fraction · N) (at least 1) patients, a seeded permutation of the
-  sorted ids; nested, so the 10 % subset of a seed lies inside its 25 % subset."""
+def labelled_subset(patients: Sequence[str], fraction: float, seed: int, count: int = 0) -> list[str]:
+  """The patients whose labels are used: the first `count` (if > 0, else ceil(fraction · N), at least 1) of a
+  seeded permutation of the sorted ids; nested, so for one seed the smaller subsets lie inside the larger."""
   if not 0.0 < fraction <= 1.0:
     raise UserError(f"config.label_fraction: {fraction} must be in (0, 1]")
+  if count < 0:
+    raise UserError(f"config.label_patients: {count} must be >= 0 (0 = use label_fraction)")
   ordered = sorted(patients)
   if not ordered:
     return []
+  if count > len(ordered):
+    raise UserError(f"config.label_patients: {count} exceeds the {len(ordered)} training patients")
   order = np.random.default_rng(seed).permutation(len(ordered))
-  count = max(1, math.ceil(fraction * len(ordered)))
+  count = count or max(1, math.ceil(fraction * len(ordered)))
   return sorted(ordered[i] for i in order[:count])
 
 

@@ -296,6 +296,24 @@ def aggregate(rows: Sequence[Mapping[str, object]]) -> dict[str, dict[str, float
   return result
 
 
+def paired_difference(treated: Sequence[float], control: Sequence[float],
+                      confidence: float = 0.95) -> dict[str, float]:
+  """Mean of the paired differences `treated[i] - control[i]` with its Student-t confidence interval
+  (mean ± t_{(1+confidence)/2, n-1} · sd / sqrt(n), sd with ddof=1). Pairs with a NaN are left out.
+
+  Returns {"mean", "low", "high", "sd", "n"}; the interval is NaN for n < 2 and the mean for n = 0.
+  """
+  a, b = np.asarray(treated, np.float64), np.asarray(control, np.float64)
+  if a.shape != b.shape or a.ndim != 1:
+    raise ValueError(f"paired values need two 1-D arrays of one length, got {a.shape} and {b.shape}")
+  diff = (a - b)[~(np.isnan(a) | np.isnan(b))]
+  n = diff.size
+  mean = float(diff.mean()) if n else float("nan")
+  sd = float(diff.std(ddof=1)) if n > 1 else float("nan")
+  half = float(stats.t.ppf(0.5 + confidence / 2, n - 1) * sd / np.sqrt(n)) if n > 1 else float("nan")
+  return {"mean": mean, "low": mean - half, "high": mean + half, "sd": sd, "n": n}
+
+
 def _one_vs_rest_auc(scores: np.ndarray, positive: np.ndarray) -> float:
   """ROC AUC by the Mann-Whitney rank formula (ties count one half); NaN without positives or negatives."""
   n_pos = int(np.count_nonzero(positive))

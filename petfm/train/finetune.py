@@ -3,9 +3,10 @@
 Tasks: `lesions` (per-voxel lesion segmentation of slabs, Dice + BCE, evaluated on whole volumes by sliding
 windows) and `staging` (Ann Arbor I–IV per study from all its slabs, cross-entropy). Protocols: `linear`
 (encoders frozen, gradients stop at their outputs), `finetune` (all params, layer-wise lr decay
-`optim.layer_decay`), `scratch` (random init, no decay). `label_fraction` keeps a seeded subset of the
-training patients. `init_from` loads the encoders of a pretraining run (its latest checkpoint); the backbone
-config and the data view/normalisation then come from that run's config.json.
+`optim.layer_decay`), `scratch` (random init, no decay). `label_patients` (a count) or `label_fraction` (a
+share) keeps a seeded subset of the training patients. `init_from` loads the encoders of a pretraining run
+(its latest checkpoint); the backbone config and the data view/normalisation then come from that run's
+config.json.
 
 Trainer order as in `pretrain.py`: set-up → mesh → data → model, init and shardings → step → checkpoint
 (resume or init) → loop → evaluation. Rerunning in the same workdir resumes (training batches derive from
@@ -60,6 +61,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
   config_lib.check_choice(config, "staging.classes", tuple(ddata.NUM_STAGE_CLASSES))
   config_lib.check(0 < config.label_fraction <= 1, "label_fraction",
                    f"must be in (0, 1], got {config.label_fraction}")
+  config_lib.check(isinstance(config.label_patients, int) and config.label_patients >= 0, "label_patients",
+                   f"must be an integer >= 0 (0 = use label_fraction), got {config.label_patients!r}")
+  config_lib.check(not config.label_patients or config.label_fraction == 1, "label_patients",
+                   f"set either label_patients or label_fraction, not both (label_fraction="
+                   f"{config.label_fraction})")
   config_lib.check(config.total_steps > 0, "total_steps", f"must be > 0, got {config.total_steps}")
   config_lib.check(config.batch_size > 0, "batch_size", f"must be > 0, got {config.batch_size}")
   config_lib.check(0 < config.optim.layer_decay <= 1, "optim.layer_decay", "must be in (0, 1]")
@@ -245,11 +251,15 @@ def window(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
 
 
 def train_studies(config: ml_collections.ConfigDict) -> list[ddata.Study]:
-  """The labelled training studies: every study of the seeded `label_fraction` subset of training patients."""
+  """The labelled training studies: every study of the seeded subset of training patients (`label_patients`
+  of them, or the `label_fraction` share)."""
   patients = ddata.split_patients(config.data_dir, "train")
   if not patients:
     raise UserError(f"{config.data_dir}: the train split has no studies")
-  chosen = ddata.labelled_subset(patients, config.label_fraction, config.seed)
+  try:
+    chosen = ddata.labelled_subset(patients, config.label_fraction, config.seed, config.label_patients)
+  except UserError as e:
+    raise UserError(f"{config.data_dir}: {e}") from None
   studies = ddata.read_studies(config.data_dir, "train", config.data, chosen)
   if config.task == "staging":
     studies = [s for s in studies if s.stage in (1, 2, 3, 4)]
