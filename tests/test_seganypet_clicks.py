@@ -18,6 +18,7 @@ import pytest
 
 import fixtures_records
 from petfm import config as config_lib
+from petfm.errors import UserError
 from petfm.models.sam3d import NEGATIVE, PADDING, POSITIVE
 from petfm.seganypet import baseline, clicks, eval_clicks, promptable
 from petfm.train import seganypet
@@ -34,7 +35,8 @@ STEPS = 40                                         # checkpoints at STEPS / 2 an
 
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
-  return fixtures_records.make_cohort(str(tmp_path_factory.mktemp("cohort")), {"train": 2, "test": 1})
+  return fixtures_records.make_cohort(str(tmp_path_factory.mktemp("cohort")), {"train": 2, "test": 1},
+                                      organ_labels={"5": "liver", "21": "nodes_iliac_left"})
 
 
 def _params(workdir):
@@ -141,6 +143,7 @@ def test_eval_clicks_writes_table_and_scores_match_metrics(cohort, trained, clic
   assert "| sam3d | lesions |" in table and f"| {baseline.SuvThreshold.name} | organs |" in table
   rows = [r for r in every if r["method"] == "sam3d"]
   assert len(every) == 2 * len(rows) and {r["category"] for r in rows} == set(eval_clicks.CATEGORIES)
+  assert {r["name"] for r in rows} == {"liver", "nodes_iliac_left", "lesion"}  # manifest organ_labels
   # row 0 by hand: one click at the truth's most interior voxel, Dice against the crop's truth
   model = click_model
   batch = next(iter(pipelines.crop_dataset(cohort, "test", promptable.data_config_for(model.spec, cohort),
@@ -152,6 +155,12 @@ def test_eval_clicks_writes_table_and_scores_match_metrics(cohort, trained, clic
   assert rows[0]["dice_1"] == pytest.approx(metrics.dice(pred, truth))
   assert rows[0]["surface_dice_1"] == pytest.approx(
       metrics.surface_dice(pred, truth, fixtures_records.SPACING))
+  manifest = json.loads(open(os.path.join(cohort, "manifest.json")).read())
+  del manifest["organ_labels"]                      # as written before `petfm prepare` recorded them
+  (tmp_path / "old").mkdir()
+  (tmp_path / "old" / "manifest.json").write_text(json.dumps(manifest))
+  with pytest.raises(UserError, match="has no organ_labels"):
+    eval_clicks.evaluate(model, str(tmp_path / "old"), "test")
 
 
 def test_training_beats_the_untrained_model_on_held_out_targets(cohort, click_model):
