@@ -24,8 +24,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 
+from petfm import rundir
 from petfm.data import pipelines, records
 from petfm.errors import UserError
 from petfm.models import sam3d, sam3d_twin
@@ -177,14 +177,8 @@ def load_trained(workdir: str) -> tuple[ModelSpec, Any]:
   """(spec, {'params', 'buffers'}) of the latest checkpoint of a `petfm train-seganypet` workdir."""
   with open(os.path.join(workdir, "model.json")) as f:
     spec = ModelSpec.from_json(f.read(), os.path.join(workdir, "model.json"))
-  directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-  manager = ocp.CheckpointManager(directory) if os.path.isdir(directory) else None
-  step = manager.latest_step() if manager else None
-  if step is None:
-    raise UserError(f"--checkpoint {workdir}: holds no finished checkpoint (checkpoints/)")
   abstract = nn.unbox(jax.eval_shape(lambda r: init_variables(spec, r), jax.random.key(0)))
-  state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
-  manager.close()
+  state = rundir.restore_latest(workdir, "--checkpoint")
   variables = {"params": state["params"], "buffers": state["buffers"]}
   shapes = lambda tree: jax.tree.map(lambda x: tuple(x.shape), tree)
   if shapes(abstract) != shapes(variables):

@@ -46,7 +46,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from petfm import config as config_lib, paths
+from petfm import config as config_lib, paths, rundir
 from petfm.data import checks, pipelines, records
 from petfm.errors import UserError
 from petfm.models import sam3d, sam3d_twin
@@ -111,13 +111,9 @@ def pretrained_params(config: ml_collections.ConfigDict, spec: promptable.ModelS
   if config.backbone == "sam3d":
     variables = _converted(config.init_from)[1]
     return {"params": variables["params"], "buffers": variables["buffers"]}
-  from petfm.train import finetune
-  path = paths.join(config.init_from, "config.json")
-  if not paths.isfile(path):
-    raise UserError(f"--config.init_from {config.init_from}: no config.json; is it a `petfm pretrain` "
-                    "workdir?")
-  view = checks.read_json(path, "--config.init_from", ("data.view",))["data"]["view"]
-  encoders = sam3d_twin.encoders_from_pretraining(finetune.load_encoders(config.init_from), view,
+  saved = rundir.read_config(config.init_from, "--config.init_from", "pretrain", ("data.view",))
+  view = saved["data"]["view"]
+  encoders = sam3d_twin.encoders_from_pretraining(rundir.load_encoders(config.init_from), view,
                                                   spec.sam.patch_size)
   return {"params": encoders}
 
@@ -253,7 +249,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   paths.makedirs(workdir)
   spec = model_spec(config)
   if jax.process_index() == 0:
-    records.write_atomic(paths.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
+    rundir.write_config(workdir, config.to_json_best_effort(indent=2))
     records.write_atomic(paths.join(workdir, "model.json"), spec.to_json())
 
   # ------------------------------------------------------------------ mesh
@@ -269,7 +265,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   setup = build(config, mesh, spec, pretrained)
 
   # ------------------------------------------------------------------ checkpoint: resume or init
-  ckpt = common.Checkpointer(paths.join(workdir, "checkpoints"), config.checkpoint.every_steps,
+  ckpt = rundir.Checkpointer(paths.join(workdir, rundir.CHECKPOINTS), config.checkpoint.every_steps,
                              config.checkpoint.keep, config.checkpoint.async_save)
   logger = common.MetricsLogger(workdir, config.total_steps)
   with jax.set_mesh(mesh), nn.logical_axis_rules(setup.rules):
