@@ -51,6 +51,7 @@ PROTOCOLS = ("linear", "finetune", "scratch")
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
+  config_lib.check_run(config)
   config_lib.check_choice(config, "task", TASKS)
   config_lib.check_choice(config, "protocol", PROTOCOLS)
   config_lib.check_choice(config, "head.kind", heads.SEG_HEADS)
@@ -58,15 +59,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
   config_lib.check_choice(config, "staging.classes", tuple(ddata.NUM_STAGE_CLASSES))
   config_lib.check(0 < config.label_fraction <= 1, "label_fraction",
                    f"must be in (0, 1], got {config.label_fraction}")
-  config_lib.check(config.total_steps > 0, "total_steps", f"must be > 0, got {config.total_steps}")
-  config_lib.check(config.batch_size > 0, "batch_size", f"must be > 0, got {config.batch_size}")
   config_lib.check(0 < config.optim.layer_decay <= 1, "optim.layer_decay", "must be in (0, 1]")
   config_lib.check(0 <= config.eval.overlap < 1, "eval.overlap", "must be in [0, 1)")
   config_lib.check(config.protocol != "linear" or bool(config.init_from), "init_from",
                    "protocol=linear probes a pretrained encoder; set --config.init_from=PRETRAIN_WORKDIR")
   config_lib.check(config.protocol != "scratch" or not config.init_from, "init_from",
                    "protocol=scratch trains from a random init; leave init_from empty")
-  config_lib.check_choice(config, "dtype", ("float32", "bfloat16"))
   pipelines.check_config(config.data, "slab")
 
 

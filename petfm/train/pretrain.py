@@ -35,16 +35,8 @@ MODEL_FIELDS = ("pet", "ct", "tracer", "text_embedding", "text_tokens")
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """Clear errors for bad values before anything expensive starts."""
-  config_lib.check_choice(config, "method", fratmae.METHODS)
-  config_lib.check_choice(config, "view", ("coronal", "axial"))
-  config_lib.check_choice(config, "mask_mode", fratmae.MASK_MODES)
-  config_lib.check(config.total_steps > 0, "total_steps", f"must be > 0, got {config.total_steps}")
-  config_lib.check(config.batch_size > 0, "batch_size", f"must be > 0, got {config.batch_size}")
-  config_lib.check(config.optim.accum_steps >= 1, "optim.accum_steps", "must be >= 1")
-  config_lib.check(config.checkpoint.every_steps > 0, "checkpoint.every_steps", "must be > 0")
-  config_lib.check(config.checkpoint.keep > 0, "checkpoint.keep", "must be > 0")
-  config_lib.check(config.log_every_steps > 0, "log_every_steps", "must be > 0")
-  config_lib.check_choice(config, "dtype", ("float32", "bfloat16"))
+  config_lib.check_run(config)
+  pipelines.check_config(config.data, "slab")
   fratmae.validate_config(config.model, config.data)
 
 
