@@ -48,7 +48,7 @@ def category(kind: int, ident: int, stations: Mapping[int, str]) -> str:
   return "node stations" if stations.get(ident) in ("above", "below") else "organs"
 
 
-def click_scores(model: promptable.ClickModel | baseline.SuvThreshold, image: np.ndarray, truth: np.ndarray,
+def click_scores(model: promptable.Segmenter | baseline.SuvThreshold, image: np.ndarray, truth: np.ndarray,
                  spacing: Sequence[float], counts: Sequence[int] = CLICK_COUNTS, tolerance_mm: float = 1.0
                  ) -> dict[str, float]:
   """One crop (S, S, S, C), truth (S, S, S) → {dice_k, surface_dice_k} for k in counts. `model` is anything
@@ -69,7 +69,7 @@ def click_scores(model: promptable.ClickModel | baseline.SuvThreshold, image: np
   return out
 
 
-def evaluate(model: promptable.ClickModel, data_dir: str, split: str = "test",
+def evaluate(model: promptable.Segmenter, data_dir: str, split: str = "test",
              counts: Sequence[int] = CLICK_COUNTS, tolerance_mm: float = 1.0,
              baselines: Sequence[baseline.SuvThreshold] = ()) -> list[dict]:
   """One row per method (the model, then `baselines`) and target of `split`: method, study index, kind, id,
@@ -149,7 +149,7 @@ def main(argv: Sequence[str]) -> int:
   args = parser.parse_args(argv)
   checks.output_dir(args.out, "--out")
   records.read_manifest(args.data_dir)
-  model = promptable.ClickModel.load(args.checkpoint)
+  model = promptable.Segmenter.load(args.checkpoint)
   baselines = [baseline.SuvThreshold(model.spec)] if args.baseline else []
   rows = evaluate(model, args.data_dir, args.split, CLICK_COUNTS, args.tolerance_mm, baselines)
   write(rows, args.out)

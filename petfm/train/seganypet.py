@@ -51,7 +51,7 @@ from petfm.data import checks, pipelines, records
 from petfm.errors import UserError
 from petfm.models import sam3d, sam3d_twin
 from petfm.models.sam3d import ABSENT
-from petfm.seganypet import clicks, convert, promptable, segmenter
+from petfm.seganypet import clicks, convert, promptable
 from petfm.train import common
 
 DICE_SMOOTH = 1e-5
@@ -60,13 +60,8 @@ DICE_SMOOTH = 1e-5
 def validate(config: ml_collections.ConfigDict) -> None:
   config_lib.check_choice(config, "backbone", promptable.BACKBONES)
   config_lib.check_choice(config, "pet_norm", promptable.PET_NORMS)
-  config_lib.check_choice(config, "dtype", ("float32", "bfloat16"))
-  for field in ("total_steps", "batch_size", "log_every_steps", "checkpoint.every_steps", "checkpoint.keep",
-                "clicks.rounds", "optim.accum_steps"):
-    value = config
-    for part in field.split("."):
-      value = value[part]
-    config_lib.check(value > 0, field, f"must be > 0, got {value}")
+  config_lib.check_run(config)
+  config_lib.check(config.clicks.rounds > 0, "clicks.rounds", f"must be > 0, got {config.clicks.rounds}")
   config_lib.check(tuple(config.data.crop_size) == (config.model.img_size,) * 3, "data.crop_size",
                    f"{tuple(config.data.crop_size)} must be model.img_size³ = {(config.model.img_size,) * 3}")
   wanted = ("pet",) if config.backbone == "sam3d" else ("pet", "ct")
@@ -152,7 +147,7 @@ def click_rounds(model: sam3d.Sam3D, variables: Any, spec: promptable.ModelSpec,
     point, label = clicks.sample_clicks(jax.random.fold_in(rng, t), pred, truth, valid)
     points = jax.lax.dynamic_update_slice_in_dim(points, point[:, None], t, axis=1)
     labels = jax.lax.dynamic_update_slice_in_dim(labels, label[:, None], t, axis=1)
-    low, _ = segmenter.prompt_and_decode(model, variables, embedding, points, labels, low)
+    low, _ = promptable.prompt_and_decode(model, variables, embedding, points, labels, low)
     return (low, points, labels), low
 
   init = (jnp.zeros((b, m, m, m)), jnp.zeros((b, rounds, 3), jnp.int32),
