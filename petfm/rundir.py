@@ -7,8 +7,8 @@
 
 Every restore goes through `Checkpointer.restore`: the trainers resume with `common.restore_or_init` onto
 their own mesh; a finished run is read back with `restore_latest`, onto a trainer's shardings (`restore_params`,
-on `eval_mesh()` for evaluation and inference) or as saved (`load_encoders`: the encoders of a pretraining
-run; `petfm.seganypet.promptable`: the variables of a click-trained model).
+on `eval_mesh()` for evaluation and inference) or onto one device whatever mesh wrote it (`load_encoders`:
+the encoders of a pretraining run; `petfm.seganypet.promptable`: the variables of a click-trained model).
 """
 
 from __future__ import annotations
@@ -104,7 +104,8 @@ def eval_mesh() -> Mesh:
 
 def restore_latest(workdir: str, flag: str, abstract_state: Any = None) -> Any:
   """The state of the latest checkpoint of `workdir`: onto the shardings that `abstract_state` carries
-  (`abstract_with_shardings`), or as saved when it is None. `UserError` naming `flag` when there is none."""
+  (`abstract_with_shardings`), or when it is None the whole saved tree onto the first local device (whatever
+  mesh wrote it). `UserError` naming `flag` when there is none."""
   directory = paths.join(workdir, CHECKPOINTS)
   if not paths.isdir(directory):
     raise UserError(f"{flag} {workdir}: no {CHECKPOINTS}/ folder; not the workdir of a petfm training run")
@@ -113,6 +114,11 @@ def restore_latest(workdir: str, flag: str, abstract_state: Any = None) -> Any:
     step = ckpt.latest_step()
     if step is None:
       raise UserError(f"{flag} {workdir}: holds no finished checkpoint ({CHECKPOINTS}/)")
+    if abstract_state is None:
+      with ocp.StandardCheckpointer() as reader:
+        saved = reader.metadata(paths.join(ckpt.directory, str(step), "state")).item_metadata
+      device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+      abstract_state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), saved)
     return ckpt.restore(step, abstract_state)
   finally:
     ckpt.close()
