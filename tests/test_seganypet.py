@@ -9,14 +9,15 @@ import pytest
 from conftest import GOLDEN_DIR
 from petfm.errors import UserError
 from petfm.models import sam3d
-from petfm.seganypet import Segmenter, convert, preprocess, promptable
+from petfm.seganypet import Segmenter, official_weights, preprocess, promptable
 from test_sam3d import CLICKS, PTH, SMALL, _rel
 
 
 @pytest.fixture(scope="module")
 def segmenter(tmp_path_factory):
   directory = str(tmp_path_factory.mktemp("ckpt") / "small")
-  convert.save(directory, convert.variables_from_state_dict(convert.read_state_dict(PTH), SMALL), SMALL)
+  state = official_weights.read_state_dict(PTH)
+  official_weights.save(directory, official_weights.variables_from_state_dict(state, SMALL), SMALL)
   return Segmenter.load(directory)
 
 

@@ -32,7 +32,7 @@ from petfm.data import pipelines, records
 from petfm.errors import UserError
 from petfm.models import sam3d, sam3d_twin
 from petfm.models.sam3d import ABSENT, NEGATIVE, POSITIVE
-from petfm.seganypet import convert, preprocess
+from petfm.seganypet import official_weights, preprocess
 
 BACKBONES = ("sam3d", "fratmae_twin")
 PET_NORMS = ("znorm", "none")
@@ -202,7 +202,7 @@ class Segmenter:
       return cls(*load_trained(directory))
     if (os.path.isfile(os.path.join(directory, "config.json"))
         and os.path.isdir(os.path.join(directory, "variables"))):
-      config, variables = convert.load(directory)
+      config, variables = official_weights.load(directory)
       return cls(ModelSpec("sam3d", config), variables)
     raise UserError(f"--checkpoint {directory}: neither a `petfm train-seganypet` workdir (model.json) nor a "
                     "`petfm convert-sam-med3d` directory (config.json + variables/)")

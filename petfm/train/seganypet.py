@@ -51,7 +51,7 @@ from petfm.data import checks, pipelines, records
 from petfm.errors import UserError
 from petfm.models import sam3d, sam3d_twin
 from petfm.models.sam3d import ABSENT
-from petfm.seganypet import clicks, convert, promptable
+from petfm.seganypet import clicks, official_weights, promptable
 from petfm.train import common
 
 DICE_SMOOTH = 1e-5
@@ -95,7 +95,7 @@ def model_spec(config: ml_collections.ConfigDict) -> promptable.ModelSpec:
 def _converted(directory: str) -> tuple[sam3d.Sam3DConfig, Any]:
   if not paths.isdir(directory):
     raise UserError(f"--config.init_from {directory}: no such directory")
-  return convert.load(directory)
+  return official_weights.load(directory)
 
 
 def pretrained_params(config: ml_collections.ConfigDict, spec: promptable.ModelSpec) -> dict[str, Any] | None:
