@@ -73,9 +73,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # prior: lesion probability of the untrained head (final bias = logit(prior), RetinaNet-style); 0.5 = zero
   # bias. From 0.5, short CPU runs label large background regions as lesion (Adam moves the bias ~lr/step).
   c.head = ml_collections.ConfigDict(dict(kind=args.head, features=sizes["features"], prior=0.01,
-                                          layers=ml_collections.config_dict.placeholder(tuple)))
-  c.staging = ml_collections.ConfigDict(dict(classes="ann_arbor", aggregation="mean", hidden=0,
-                                             max_slabs=sizes["max_slabs"]))
+                                          layers=ml_collections.config_dict.placeholder(tuple),
+                                          norm="layer"))
+  # Staging reads one native-resolution slab per lesion (at most max_slabs, the largest) plus where it lies in
+  # the body, summed over the lesions (Deep Sets: the count of lesions matters for stages I/II). Training uses
+  # the true lesions; evaluation those of the lesion fine-tune `lesions_from` ('' = the true lesion map:
+  # staging with perfect lesion detection).
+  c.staging = ml_collections.ConfigDict(dict(classes="ann_arbor", aggregation="sum", hidden=64,
+                                             max_slabs=sizes["max_slabs"], lesions_from=""))
 
   c.optim = ml_collections.ConfigDict(dict(
       lr=sizes["lr"], warmup_steps=sizes["warmup_steps"], min_lr_ratio=0.01, weight_decay=0.05, b1=0.9,

@@ -1,5 +1,5 @@
 """Study-level data for the downstream tasks: whole studies in memory, labelled-patient subsets, slab sampling
-for training and whole-study slab stacks for staging.
+for training and lesion slab stacks for staging.
 
 Downstream work needs per-study control (a seeded subset of training patients, every slab of a study for
 staging, whole volumes for sliding-window evaluation), so the studies of a split are decoded once and kept in
@@ -15,10 +15,12 @@ from collections.abc import Iterator, Sequence
 
 import ml_collections
 import numpy as np
+from scipy import ndimage
 
 from petfm.data import pipelines, records
 from petfm.errors import UserError
 
+CONNECTIVITY = ndimage.generate_binary_structure(3, 2)   # 18-connectivity, as the autoPET metrics
 STUDY_FIELDS = ("study_id", "patient_id", "ct", "suv", "label", "spacing", "affine", "original_affine",
                 "original_shape", "stage")
 
@@ -114,24 +116,51 @@ def crop(study: Study, starts: Sequence[int], window: Sequence[int], pad: tuple[
   return {"pet": pet, "ct": ct, "label": label, "valid": valid.astype(np.uint8)}
 
 
-def slab_centres(study: Study, hot_pet: float) -> dict[str, np.ndarray]:
-  """Candidate slab centres of a study (view axes, (N, 3) int): `lesion` voxels and `hot` voxels that are no
-  lesion but have normalised PET ≥ `hot_pet` (physiological uptake, spill-over: where false positives
-  arise)."""
-  hot = (study.pet >= hot_pet) & (study.label == 0)
-  return {"lesion": np.argwhere(study.label > 0), "hot": np.argwhere(hot)}
+@dataclasses.dataclass
+class Components:
+  """Voxels (N, 3) int of connected components, grouped: component k holds voxels[starts[k]:starts[k + 1]]."""
+  voxels: np.ndarray
+  starts: np.ndarray
+
+  def __len__(self) -> int:
+    return len(self.starts) - 1
+
+  def draw(self, rng: np.random.Generator) -> np.ndarray:
+    """A voxel of a uniformly drawn component, uniform within it: small components weigh as much as large."""
+    k = rng.integers(len(self))
+    return self.voxels[self.starts[k] + rng.integers(self.starts[k + 1] - self.starts[k])]
 
 
-def sample_slabs(studies: Sequence[Study], centres: Sequence[dict[str, np.ndarray]], window: Sequence[int],
+def components(mask: np.ndarray, min_voxels: int = 1) -> Components:
+  """The 18-connected components of `mask` (H, W, S) with ≥ `min_voxels` voxels, as `Components`."""
+  labels, _ = ndimage.label(mask, structure=CONNECTIVITY)
+  sizes = np.bincount(labels.ravel())
+  sizes[0] = 0
+  kept = np.flatnonzero(sizes >= min_voxels)
+  voxels = np.argwhere(np.isin(labels, kept))
+  order = np.argsort(labels[tuple(voxels.T)], kind="stable")
+  return Components(voxels[order], np.concatenate([[0], np.cumsum(sizes[kept])]))
+
+
+def slab_centres(study: Study, hot_pet: float, min_hot_voxels: int = 8) -> dict[str, Components]:
+  """Candidate slab centres of a study (view axes), by connected component: `lesion` (every lesion) and `hot`
+  (regions of ≥ `min_hot_voxels` voxels that are no lesion but have normalised PET ≥ `hot_pet`: physiological
+  uptake, spill-over, where false positives arise)."""
+  return {"lesion": components(study.label > 0),
+          "hot": components((study.pet >= hot_pet) & (study.label == 0), min_hot_voxels)}
+
+
+def sample_slabs(studies: Sequence[Study], centres: Sequence[dict[str, Components]], window: Sequence[int],
                  batch_size: int, rng: np.random.Generator, pad: tuple[float, float],
                  foreground_fraction: float = 0.5, hard_fraction: float = 0.0) -> dict[str, np.ndarray]:
   """A training batch of random slabs (B, h, w, D): pet, ct float32, label uint8, valid uint8.
 
   A study is drawn uniformly; with probability `foreground_fraction` (when it has lesions) the slab holds a
-  random lesion voxel, with probability `hard_fraction` a random `hot` voxel (hard negatives; `centres`: the
-  `slab_centres` of each study), otherwise its position is uniform. The chosen voxel lies at a uniformly
-  random place in the slab (not always at its centre, which a model would learn as a prior); axes shorter than
-  the window are padded at a random offset."""
+  voxel of a random lesion, with probability `hard_fraction` a voxel of a random `hot` region (hard negatives;
+  `centres`: the `slab_centres` of each study), otherwise its position is uniform. Components are drawn
+  uniformly, so small lesions and small hot organs (salivary glands, a hot myocardium) are seen as often as
+  large ones. The chosen voxel lies at a uniformly random place in the slab (not always at its centre, which a
+  model would learn as a prior); axes shorter than the window are padded at a random offset."""
   out: dict[str, list] = {"pet": [], "ct": [], "label": [], "valid": []}
   for _ in range(batch_size):
     index = rng.integers(len(studies))
@@ -139,9 +168,8 @@ def sample_slabs(studies: Sequence[Study], centres: Sequence[dict[str, np.ndarra
     shape = study.pet.shape
     u = rng.random()
     kind = "lesion" if u < foreground_fraction else "hot" if u < foreground_fraction + hard_fraction else ""
-    pool = centres[index][kind] if kind else np.zeros((0, 3))
-    if len(pool):
-      centre = pool[rng.integers(len(pool))]
+    if kind and len(centres[index][kind]):
+      centre = centres[index][kind].draw(rng)
       starts = [int(np.clip(c - rng.integers(w), min(0, n - w), max(0, n - w)))
                 for c, w, n in zip(centre, window, shape)]
     else:
@@ -151,26 +179,34 @@ def sample_slabs(studies: Sequence[Study], centres: Sequence[dict[str, np.ndarra
   return {k: np.stack(v) for k, v in out.items()}
 
 
-def study_stack(study: Study, window: Sequence[int], max_slabs: int, pad: tuple[float, float]
-                ) -> dict[str, np.ndarray]:
-  """A whole study as slabs for staging, with the geometry of `pipelines.study_dataset`: the plane scaled to
-  fit (h, w) (aspect kept, centred), the central S·D slices of the stacking axis cut into S ≤ `max_slabs`
-  slabs. Returns pet, ct (max_slabs, h, w, D) float32 and slab_valid (max_slabs,) bool."""
+def lesion_stack(study: Study, mask: np.ndarray, window: Sequence[int], max_slabs: int,
+                 pad: tuple[float, float], rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
+  """A study as native-resolution slabs at its lesions, for staging: one slab (h, w, D) per connected
+  component of `mask` (H, W, S, view axes; the true or a predicted lesion map), at most `max_slabs` (the
+  largest; with `rng`, a random subset and each slab at a random voxel of its lesion, placed anywhere in the
+  slab: training; without, centred on the lesion's centroid: evaluation).
+
+  Returns pet, ct (max_slabs, h, w, D) float32, slab_valid (max_slabs,) bool and position (max_slabs, 3)
+  float32: each slab's centre in the study, every axis scaled to [-1, 1] (where in the body a lesion lies, which
+  a slab alone does not show)."""
+  found = components(np.asarray(mask) > 0)
+  sizes = np.diff(found.starts)
+  order = rng.permutation(len(found)) if rng is not None else np.argsort(-sizes, kind="stable")
+  shape = np.asarray(study.pet.shape)
   h, w, d = window
-  shape = np.asarray(study.pet.shape, np.float64)
-  slabs = min(math.ceil(shape[2] / d), max_slabs)
-  step = float(max(shape[0] / h, shape[1] / w))
-  out_shape = (h, w, slabs * d)
-  scale = np.array([step, step, 1.0])
-  centre = (shape - 1) / 2
-  offset = centre - scale * (np.asarray(out_shape, np.float64) - 1) / 2
-  offset[2] = np.floor(offset[2])
-  stacks = []
-  for volume, fill in ((study.pet, pad[0]), (study.ct, pad[1])):
-    x, _ = pipelines.resample_diagonal(volume, scale, offset, out_shape, 1, fill)
-    x = np.moveaxis(x.reshape(h, w, slabs, d), 2, 0)
-    stacks.append(np.concatenate([x, np.full((max_slabs - slabs, h, w, d), fill, np.float32)]))
-  return {"pet": stacks[0], "ct": stacks[1], "slab_valid": np.arange(max_slabs) < slabs}
+  out = {"pet": np.full((max_slabs, h, w, d), pad[0], np.float32),
+         "ct": np.full((max_slabs, h, w, d), pad[1], np.float32),
+         "slab_valid": np.zeros(max_slabs, bool), "position": np.zeros((max_slabs, 3), np.float32)}
+  for i, k in enumerate(order[:max_slabs]):
+    voxels = found.voxels[found.starts[k]:found.starts[k + 1]]
+    if rng is not None:
+      starts = np.array([c - rng.integers(n) for c, n in zip(voxels[rng.integers(len(voxels))], window)])
+    else:
+      starts = np.round(voxels.mean(0)).astype(int) - np.asarray(window) // 2
+    slab = crop(study, starts, window, pad)
+    out["pet"][i], out["ct"][i], out["slab_valid"][i] = slab["pet"], slab["ct"], True
+    out["position"][i] = 2 * (starts + (np.asarray(window) - 1) / 2) / np.maximum(shape - 1, 1) - 1
+  return out
 
 
 def stage_index(stage: int, classes: str = "ann_arbor") -> int:
