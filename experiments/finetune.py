@@ -77,10 +77,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                           norm="layer"))
   # Staging reads one native-resolution slab per lesion (at most max_slabs, the largest) plus where it lies in
   # the body, summed over the lesions (Deep Sets: the count of lesions matters for stages I/II). Training uses
-  # the true lesions; evaluation those of the lesion fine-tune `lesions_from` ('' = the true lesion map:
-  # staging with perfect lesion detection).
+  # the true lesions plus up to `distractors` slabs of physiological uptake (what false positives look like);
+  # evaluation the lesions of the lesion fine-tune `lesions_from` ('' = the true lesion map: staging with
+  # perfect lesion detection).
   c.staging = ml_collections.ConfigDict(dict(classes="ann_arbor", aggregation="sum", hidden=64,
-                                             max_slabs=sizes["max_slabs"], lesions_from=""))
+                                             max_slabs=sizes["max_slabs"], lesions_from="", distractors=2))
 
   c.optim = ml_collections.ConfigDict(dict(
       lr=sizes["lr"], warmup_steps=sizes["warmup_steps"], min_lr_ratio=0.01, weight_decay=0.05, b1=0.9,

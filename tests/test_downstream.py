@@ -110,16 +110,28 @@ def test_lesion_stack_has_one_slab_per_lesion_at_its_place():
   label[15, 12, 9] = 1                              # 1 voxel near the far corner
   pet = np.arange(label.size, dtype=np.float32).reshape(label.shape)
   study = ddata.Study("s", "p", pet, -pet, label, np.ones(3), np.eye(4), np.eye(4), np.array(label.shape), 1)
-  stack = ddata.lesion_stack(study, label, (4, 4, 2), 3, (-1.0, -2.0))
+  regions = ddata.staging_regions(ddata.components(label > 0), 3)
+  stack = ddata.lesion_stack(study, regions, (4, 4, 2), 3, (-1.0, -2.0))
   assert stack["pet"].shape == (3, 4, 4, 2) and stack["slab_valid"].tolist() == [True, True, False]
   np.testing.assert_array_equal(stack["pet"][0], pet[1:5, 1:5, 1:3])   # the larger lesion first, centred
   np.testing.assert_array_equal(stack["ct"][1], -pet[13:17, 10:14, 8:10])
   assert np.all(stack["pet"][2] == -1.0) and np.all(stack["ct"][2] == -2.0)
-  np.testing.assert_allclose(stack["position"][0], 2 * np.array([2.5, 2.5, 1.5]) / (np.array(label.shape) - 1) - 1)
+  centre = np.array([2.5, 2.5, 1.5])                # of the slab pet[1:5, 1:5, 1:3]
+  np.testing.assert_allclose(stack["position"][0], 2 * centre / (np.array(label.shape) - 1) - 1)
   rng = np.random.default_rng(0)
-  for _ in range(5):                                # training: random slab placement, the lesion always inside
-    stack = ddata.lesion_stack(study, label, (4, 4, 2), 1, (-1.0, -2.0), rng)
+  for _ in range(5):                                # training: random placement, the lesion always inside
+    regions = ddata.staging_regions(ddata.components(label > 0), 1, rng)
+    stack = ddata.lesion_stack(study, regions, (4, 4, 2), 1, (-1.0, -2.0), rng)
     assert stack["slab_valid"].sum() == 1 and np.any(np.isin(stack["pet"][0], pet[label > 0]))
+  hot = np.zeros_like(label)
+  hot[10:12, 2:4, 8:10] = 1                           # physiological uptake: a distractor region
+  lesions, distractors = ddata.components(label > 0), ddata.components(hot > 0)
+  counts = []
+  for _ in range(20):
+    regions = ddata.staging_regions(lesions, 3, rng, distractors, 1)
+    counts.append(sum(len(r) == 8 for r in regions))
+    assert len(regions) <= 3 and sum(len(r) in (1, 27) for r in regions) == len(regions) - counts[-1]
+  assert set(counts) == {0, 1}                        # 0..distractors hot regions per bag
 
 
 # ---------------------------------------------------------------------------------------------- loss, windows

@@ -125,10 +125,14 @@ class Components:
   def __len__(self) -> int:
     return len(self.starts) - 1
 
+  def __getitem__(self, k: int) -> np.ndarray:
+    """The voxels (n, 3) of component k."""
+    return self.voxels[self.starts[k]:self.starts[k + 1]]
+
   def draw(self, rng: np.random.Generator) -> np.ndarray:
     """A voxel of a uniformly drawn component, uniform within it: small components weigh as much as large."""
-    k = rng.integers(len(self))
-    return self.voxels[self.starts[k] + rng.integers(self.starts[k + 1] - self.starts[k])]
+    voxels = self[rng.integers(len(self))]
+    return voxels[rng.integers(len(voxels))]
 
 
 def components(mask: np.ndarray, min_voxels: int = 1) -> Components:
@@ -179,26 +183,36 @@ def sample_slabs(studies: Sequence[Study], centres: Sequence[dict[str, Component
   return {k: np.stack(v) for k, v in out.items()}
 
 
-def lesion_stack(study: Study, mask: np.ndarray, window: Sequence[int], max_slabs: int,
+def staging_regions(lesions: Components, max_slabs: int, rng: np.random.Generator | None = None,
+                    hot: Components | None = None, distractors: int = 0) -> list[np.ndarray]:
+  """The regions (voxel arrays) that `lesion_stack` cuts slabs at: without `rng` (evaluation) the `max_slabs`
+  largest lesions; with it (training) a random subset of the lesions plus 0..`distractors` random `hot` regions
+  (physiological uptake: what a lesion detector's false positives look like, so the staging model learns to
+  ignore them)."""
+  if rng is None:
+    return sorted((lesions[k] for k in range(len(lesions))), key=len, reverse=True)[:max_slabs]
+  extra = []
+  if hot is not None and len(hot) and distractors:
+    count = min(int(rng.integers(distractors + 1)), len(hot), max_slabs - 1)
+    extra = [hot[k] for k in rng.choice(len(hot), count, replace=False)]
+  return [lesions[k] for k in rng.permutation(len(lesions))[:max_slabs - len(extra)]] + extra
+
+
+def lesion_stack(study: Study, regions: Sequence[np.ndarray], window: Sequence[int], max_slabs: int,
                  pad: tuple[float, float], rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
-  """A study as native-resolution slabs at its lesions, for staging: one slab (h, w, D) per connected
-  component of `mask` (H, W, S, view axes; the true or a predicted lesion map), at most `max_slabs` (the
-  largest; with `rng`, a random subset and each slab at a random voxel of its lesion, placed anywhere in the
-  slab: training; without, centred on the lesion's centroid: evaluation).
+  """A study as native-resolution slabs for staging: one slab (h, w, D) per region (voxels (n, 3), view axes;
+  `staging_regions`: its lesions), at most `max_slabs`. With `rng` each slab holds a random voxel of its region,
+  anywhere in the slab (training); without, it is centred on the region's centroid (evaluation).
 
   Returns pet, ct (max_slabs, h, w, D) float32, slab_valid (max_slabs,) bool and position (max_slabs, 3)
-  float32: each slab's centre in the study, every axis scaled to [-1, 1] (where in the body a lesion lies, which
-  a slab alone does not show)."""
-  found = components(np.asarray(mask) > 0)
-  sizes = np.diff(found.starts)
-  order = rng.permutation(len(found)) if rng is not None else np.argsort(-sizes, kind="stable")
+  float32: each slab's centre in the study, every axis scaled to [-1, 1] (where in the body a lesion lies,
+  which a slab alone does not show)."""
   shape = np.asarray(study.pet.shape)
   h, w, d = window
   out = {"pet": np.full((max_slabs, h, w, d), pad[0], np.float32),
          "ct": np.full((max_slabs, h, w, d), pad[1], np.float32),
          "slab_valid": np.zeros(max_slabs, bool), "position": np.zeros((max_slabs, 3), np.float32)}
-  for i, k in enumerate(order[:max_slabs]):
-    voxels = found.voxels[found.starts[k]:found.starts[k + 1]]
+  for i, voxels in enumerate(regions[:max_slabs]):
     if rng is not None:
       starts = np.array([c - rng.integers(n) for c, n in zip(voxels[rng.integers(len(voxels))], window)])
     else:

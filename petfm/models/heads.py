@@ -81,7 +81,7 @@ def _conv(features: int, kernel: int, dtype, param_dtype, name: str, transpose: 
 
 
 def _norm(kind: str, name: str, param_dtype) -> nn.Module:
-  """`layer`: LayerNorm over the channels of each pixel; `instance`: each channel over the slab (its pixels)."""
+  """`layer`: LayerNorm over the channels of each pixel; `instance`: each channel over the slab's pixels."""
   if kind == "layer":
     return vit.layer_norm(name, param_dtype)
   if kind == "instance":
