@@ -1,6 +1,7 @@
-"""Latency of SAM-Med3D vit_b_ori (random weights) on this machine: image encoder on one 128³ crop, and one
-prompt-encode + decode step (`Segmenter.predict_batch`: points padded to the capacity 1 or 8) with 1 click
-(zero mask prompt, the first click) and with 5 clicks plus the previous logits as mask prompt. Prints a table
+"""Latency of SAM-Med3D vit_b_ori (random weights) on this machine, through the public API users call:
+`Segmenter.embed_prepared` on one 128³ crop, and `Segmenter.predict` (one prompt-encode + decode step, points
+padded to the capacity 1 or 8) with 1 click (zero mask prompt, the first click) and with 5 clicks plus the
+previous logits as mask prompt. Prints a table
 (median and min wall-clock time, and the median process CPU time, which other programs on the machine disturb
 less; up to 2 × wall time when both cores work) and writes JSON.
 
@@ -16,11 +17,10 @@ import platform
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from petfm.models import sam3d
-from petfm.seganypet import Segmenter
+from petfm.seganypet import Segmenter, promptable
 
 
 def _times_ms(fn, runs: int) -> tuple[list[float], list[float]]:
@@ -42,19 +42,18 @@ def main() -> None:
   parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "seganypet.json"))
   args = parser.parse_args()
   config = sam3d.get_config("vit_b_ori", dtype=args.dtype)
-  seg = Segmenter(config, jax.jit(lambda rng: sam3d.init_variables(config, rng))(jax.random.key(0)))
+  variables = jax.jit(lambda rng: sam3d.init_variables(config, rng))(jax.random.key(0))
+  seg = Segmenter(promptable.ModelSpec("sam3d", config), variables)
   rng = np.random.default_rng(0)
   crop = rng.standard_normal((128, 128, 128)).astype(np.float32)
-  embedding = seg.embed(crop)
-  points = rng.integers(0, 128, (1, 5, 3)).astype(np.float32)
-  labels = np.array([[1, 0, 1, 1, 0]], np.int32)
-  step = lambda p, l, mask: seg.predict_batch(embedding[None], p, l, mask)
-  prev = np.asarray(step(points[:, :1], labels[:, :1], None)[0])
-  x = jnp.asarray(crop)[None]
+  embedding = seg.embed_prepared(crop)
+  points = rng.integers(0, 128, (5, 3)).astype(np.float32)
+  labels = np.array([1, 0, 1, 1, 0], np.int32)
+  prev, _ = seg.predict(embedding, points[:1], labels[:1])
   cases = {
-      "encoder (128³ crop)": lambda: seg._embed(seg.variables, x),
-      "prompt+decode, 1 click": lambda: step(points[:, :1], labels[:, :1], None),
-      "prompt+decode, 5 clicks + mask": lambda: step(points, labels, prev),
+      "encoder (128³ crop)": lambda: seg.embed_prepared(crop),
+      "predict, 1 click": lambda: seg.predict(embedding, points[:1], labels[:1]),
+      "predict, 5 clicks + mask": lambda: seg.predict(embedding, points, labels, prev),
   }
   results = {}
   print(f"SAM-Med3D vit_b_ori, {args.dtype}, {jax.devices()[0].platform}, {os.cpu_count()} CPUs, "

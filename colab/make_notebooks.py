@@ -526,7 +526,7 @@ SEGMENTATION = [
       last = seganypet.train(config, WORKDIR)
       print({k: round(v, 4) for k, v in last.items() if k in ("loss", "dice", "examples_per_s")})
       checkpoint = WORKDIR
-    model = promptable.ClickModel.load(checkpoint)
+    model = promptable.Segmenter.load(checkpoint)
     spec = model.spec
     print(f"{spec.backbone}: {model.size}³ crops of {spec.spacing} mm, channels {spec.channels}")
     '''),

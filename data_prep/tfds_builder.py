@@ -5,7 +5,7 @@ TFDS hands strings back as UTF-8 `bytes`). Its manual folder holds either
 
 * a folder converted with `petfm prepare` (it has `manifest.json`): the records are copied as they are, or
 * NIfTI or DICOM studies in any layout `data_prep.convert` reads: each study goes through the same
-  `data_prep.convert.convert_study` (config: `data_prep/configs/convert.py`, see `PetfmRecordsConfig`);
+  `petfm.data.studies.convert_study` (config: `data_prep/configs/convert.py`, see `PetfmRecordsConfig`);
   a bad study is logged as one warning line and left out.
 
     import tensorflow_datasets as tfds
@@ -57,7 +57,7 @@ from array_record.python.array_record_module import ArrayRecordReader
 
 from data_prep import convert
 from data_prep.configs import convert as convert_configs
-from petfm.data import records
+from petfm.data import records, studies
 from petfm.errors import UserError
 
 
@@ -116,12 +116,12 @@ class PetfmRecords(tfds.core.GeneratorBasedBuilder):
     else:
       config = self.builder_config.convert_config()
       convert.check_config(config)
-      _, studies = convert.find_studies(source, config.layout)
-      jobs, errors = convert.plan_jobs(studies, config)
+      _, found = studies.find_studies(source, config.layout)
+      jobs, errors = studies.plan_jobs(found, config)
       for line in errors:
         logging.warning("%s (left out)", line)
       settings = config.to_dict()
-      items = {split: [(job, settings) for job in jobs if job.split == split] for split in convert.SPLITS}
+      items = {split: [(job, settings) for job in jobs if job.split == split] for split in studies.SPLITS}
       example_fn = _example_from_nifti
     return {split: self._generate_examples(split_items, example_fn)
             for split, split_items in items.items() if split_items}
@@ -144,10 +144,10 @@ def _examples_from_shard(path: str) -> Iterator[tuple[str, dict[str, Any]]]:
     reader.close()
 
 
-def _example_from_nifti(item: tuple[convert.Job, dict[str, Any]]) -> Iterator[tuple[str, dict[str, Any]]]:
+def _example_from_nifti(item: tuple[studies.Job, dict[str, Any]]) -> Iterator[tuple[str, dict[str, Any]]]:
   job, settings = item
   try:
-    record = convert.convert_study(job, ml_collections.ConfigDict(settings))
+    record = studies.convert_study(job, ml_collections.ConfigDict(settings))
   except UserError as e:
     logging.warning("%s (left out)", e)
     return

@@ -21,7 +21,8 @@ depth and normalisation come from that run's config.json and its latest encoder 
 
 import ml_collections
 
-from petfm.config import cluster_config, parse_arg
+from experiments import common
+from petfm.config import parse_arg
 from petfm.data import pipelines
 from petfm.models import fratmae
 
@@ -43,19 +44,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if args.variant not in VARIANT:
     raise ValueError(f"unknown variant {args.variant!r}; known: {', '.join(VARIANT)}")
   sizes = VARIANT[args.variant]
-  c = ml_collections.ConfigDict()
+  c = common.base(total_steps=sizes["total_steps"] if args.task == "lesions" else sizes["staging_steps"],
+                  batch_size=sizes["batch_size"] if args.task == "lesions" else sizes["staging_batch"],
+                  lr=sizes["lr"], warmup_steps=sizes["warmup_steps"])
+  c.optim.update(min_lr_ratio=0.01, layer_decay=0.75)   # layer_decay: protocol=finetune only
+  c.checkpoint.update(every_steps=50, keep=2, async_save=False)
   c.variant = args.variant
   c.task = args.task                                   # lesions | staging
   c.protocol = args.protocol                           # linear | finetune | scratch
   c.label_fraction = args.fraction                     # of the training patients (seeded, nested subsets)
   c.init_from = ""                                     # pretraining workdir ('' = random init)
-  c.seed = 0
-  c.data_dir = "demo_out/records"
-  c.total_steps = sizes["total_steps"] if args.task == "lesions" else sizes["staging_steps"]
-  c.batch_size = sizes["batch_size"] if args.task == "lesions" else sizes["staging_batch"]
-  c.dtype = "float32"
-  c.distributed = False
-  c.cluster = cluster_config()                       # peers of a distributed run (else JAX_* env vars)
   # Training slabs: a share holds a lesion voxel, a share a non-lesion voxel of SUV ≥ hard_negative_suv (hot
   # organs, spill-over: where whole-volume false positives arise), the rest lie anywhere. Without the hard
   # negatives a whole-body evaluation drowns in false positives (demo cohort, 250-500 steps: FPV 40-50 mL,
@@ -89,19 +87,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.staging = ml_collections.ConfigDict(dict(classes="ann_arbor", aggregation="sum", hidden=64,
                                              max_slabs=sizes["max_slabs"], lesions_from="", distractors=0))
 
-  c.optim = ml_collections.ConfigDict(dict(
-      lr=sizes["lr"], warmup_steps=sizes["warmup_steps"], min_lr_ratio=0.01, weight_decay=0.05, b1=0.9,
-      b2=0.999, grad_clip=1.0, accum_steps=1, layer_decay=0.75))   # layer_decay: protocol=finetune only
-
   c.eval = ml_collections.ConfigDict(dict(split="test", overlap=0.5, threshold=0.5, batch_size=8,
                                           max_studies=0))          # max_studies 0 = all
-
-  c.mesh = (("data", -1), ("fsdp", 1), ("tensor", 1))
-  c.sharding_rules = [
-      ("act_batch", ("data", "fsdp")), ("act_len", None), ("act_embed", None), ("act_mlp", "tensor"),
-      ("act_heads", "tensor"), ("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"), ("patch", None),
-      ("norm", None), ("classes", None), ("vocab", None), ("conv_in", None), ("conv_out", None),
-  ]
-  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=50, keep=2, async_save=False))
-  c.log_every_steps = 10
   return c

@@ -17,7 +17,8 @@ The masking-ratio ablation is declared by `sweep()` at the bottom and run with
 
 import ml_collections
 
-from petfm.config import cluster_config, parse_arg
+from experiments import common
+from petfm.config import parse_arg
 from petfm.data import pipelines
 from petfm.models import fratmae
 
@@ -41,19 +42,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   sizes = VARIANT_DATA[args.variant] if args.variant in VARIANT_DATA else None
   if sizes is None:
     raise ValueError(f"unknown variant {args.variant!r}; known: {', '.join(VARIANT_DATA)}")
-  c = ml_collections.ConfigDict()
+  c = common.base(total_steps=sizes["total_steps"], batch_size=sizes["batch_size"], lr=sizes["lr"],
+                  warmup_steps=sizes["warmup_steps"])
+  c.optim.b2 = 0.95
   c.variant, c.method, c.view = args.variant, args.method, args.view
-  c.seed = 0
-  c.data_dir = "demo_out/records"
-  c.total_steps = sizes["total_steps"]
-  c.batch_size = sizes["batch_size"]                 # global, over all processes and devices
-  c.distributed = False                              # jax.distributed.initialize() for multi-host runs
-  c.cluster = cluster_config()                       # peers of a distributed run (else JAX_* env vars)
-  c.dtype = "float32"                                # compute dtype: float32 or bfloat16 (params float32)
-
-  # Masking: shortcuts referenced by the model section.
-  c.mask_ratio = 0.75
-  c.mask_mode = "one_visible"                        # or "both_masked"
 
   c.data = pipelines.default_slab_config()
   c.data.view = c.get_ref("view")
@@ -62,25 +54,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.fit = sizes["fit"]
 
   c.model = fratmae.default_config(args.variant, args.method)
+  # Masking: top-level shortcuts (the sweep's axes) for the model fields, with the model's defaults.
+  c.mask_ratio, c.mask_mode = c.model.mask_ratio, c.model.mask_mode
   c.model.method = c.get_ref("method")
   c.model.mask_ratio = c.get_ref("mask_ratio")
   c.model.mask_mode = c.get_ref("mask_mode")
 
-  c.optim = ml_collections.ConfigDict(dict(
-      lr=sizes["lr"], warmup_steps=sizes["warmup_steps"], min_lr_ratio=0.0, weight_decay=0.05, b1=0.9,
-      b2=0.95, grad_clip=1.0, accum_steps=1))
-
-  # Device mesh (data, fsdp, tensor); one size may be -1 = all remaining devices. Logical → mesh axis rules:
-  # params are sharded over fsdp (embed) and tensor (mlp/heads); the batch over data and fsdp.
-  c.mesh = (("data", -1), ("fsdp", 1), ("tensor", 1))
-  c.sharding_rules = [
-      ("act_batch", ("data", "fsdp")), ("act_len", None), ("act_embed", None), ("act_mlp", "tensor"),
-      ("act_heads", "tensor"), ("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"), ("patch", None),
-      ("norm", None), ("classes", None), ("vocab", None),
-  ]
-
-  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=100, keep=3, async_save=True))
-  c.log_every_steps = 10
   c.image_every_steps = 100                          # reconstruction PNG (0 = never)
 
   # Evaluation used by the sweep table: reconstruction loss on held-out slabs and a tracer linear probe.

@@ -20,7 +20,8 @@ import dataclasses
 
 import ml_collections
 
-from petfm.config import cluster_config, parse_arg
+from experiments import common
+from petfm.config import parse_arg
 from petfm.data import pipelines
 from petfm.models import sam3d
 from petfm.seganypet import promptable
@@ -41,15 +42,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if args.variant not in VARIANTS:
     raise ValueError(f"unknown variant {args.variant!r}; known: {', '.join(VARIANTS)}")
   v = VARIANTS[args.variant]
-  c = ml_collections.ConfigDict()
+  c = common.base(total_steps=v["total_steps"], batch_size=v["batch_size"], lr=v["lr"],
+                  warmup_steps=v["warmup_steps"])
+  c.optim.update(min_lr_ratio=0.01, weight_decay=0.1)
   c.variant, c.backbone = args.variant, args.backbone
-  c.seed = 0
-  c.data_dir = "demo_out/records"
-  c.total_steps = v["total_steps"]
-  c.batch_size = v["batch_size"]                     # global, over all processes and devices
-  c.distributed = False
-  c.cluster = cluster_config()                       # peers of a distributed run (else JAX_* env vars)
-  c.dtype = "float32"                                # compute dtype: float32 or bfloat16 (params float32)
   c.init_from = ""                                   # convert-sam-med3d dir (sam3d) / pretrain workdir (twin)
 
   # Every Sam3DConfig field of the named config (img_size = the crop side), overridable one by one.
@@ -76,17 +72,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.clicks = ml_collections.ConfigDict(dict(rounds=v["rounds"]))   # click rounds per sample (loss summed)
   c.cpcl = ml_collections.ConfigDict(dict(enabled=args.cpcl, start_step=0))
-
-  c.optim = ml_collections.ConfigDict(dict(
-      lr=v["lr"], warmup_steps=v["warmup_steps"], min_lr_ratio=0.01, weight_decay=0.1, b1=0.9, b2=0.999,
-      grad_clip=1.0, accum_steps=1))
-
-  c.mesh = (("data", -1), ("fsdp", 1), ("tensor", 1))
-  c.sharding_rules = [
-      ("act_batch", ("data", "fsdp")), ("act_len", None), ("act_embed", None), ("act_mlp", "tensor"),
-      ("act_heads", "tensor"), ("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"), ("kv", None),
-      ("patch", None), ("norm", None), ("conv_in", None), ("conv_out", None),
-  ]
-  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=100, keep=3, async_save=True))
-  c.log_every_steps = 10
   return c

@@ -21,7 +21,7 @@ COMMANDS = {
     "finetune": ("petfm.train.finetune:main", "fine-tune lesion segmentation or Ann Arbor staging"),
     "predict-lesions": ("petfm.downstream.predict:main",
                         "segment lesions in one study, mask in its original geometry"),
-    "convert-sam-med3d": ("petfm.seganypet.convert:main",
+    "convert-sam-med3d": ("petfm.seganypet.official_weights:main",
                           "convert an official SAM-Med3D / SegAnyPET .pth to Orbax"),
     "train-seganypet": ("petfm.train.seganypet:main", "click-simulation training of the promptable model"),
     "eval-clicks": ("petfm.seganypet.eval_clicks:main", "Dice after 1/3/5/10 simulated clicks per target"),

@@ -133,6 +133,18 @@ def check_choice(config: ml_collections.ConfigDict, field: str, choices: Sequenc
   check(value in choices, field, f"{value!r} is not one of {list(choices)}")
 
 
+def check_run(config: ml_collections.ConfigDict) -> None:
+  """The fields every trainer shares (`experiments/common.py`), checked once: steps, batch, logging,
+  checkpointing, gradient accumulation and compute dtype."""
+  for field in ("total_steps", "batch_size", "log_every_steps", "checkpoint.every_steps", "checkpoint.keep",
+                "optim.accum_steps"):
+    value = config
+    for part in field.split("."):
+      value = value[part]
+    check(value > 0, field, f"must be > 0, got {value}")
+  check_choice(config, "dtype", ("float32", "bfloat16"))
+
+
 def load_module(path: str):
   """Imports a config file (e.g. `experiments/fratmae.py`) as a module."""
   if not os.path.exists(path):

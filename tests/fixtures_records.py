@@ -18,6 +18,7 @@ import numpy as np
 
 from data_prep import convert
 from data_prep.configs import convert as convert_configs
+from petfm.data import studies
 
 SPACING = (2.0, 2.0, 3.0)
 VAL_FRACTION, TEST_FRACTION = 0.3, 0.2
@@ -55,7 +56,7 @@ def _patients(counts: dict[str, int], seed: int) -> list[tuple[str, str]]:
   out, found, i = [], dict.fromkeys(counts, 0), 0
   while any(found[s] < n for s, n in counts.items()):
     name = f"PETCT_{i:04d}"
-    split = convert.patient_split(name, seed, VAL_FRACTION, TEST_FRACTION)
+    split = studies.patient_split(name, seed, VAL_FRACTION, TEST_FRACTION)
     if found.get(split, 0) < counts.get(split, 0):
       out.append((name, split))
       found[split] += 1
@@ -64,12 +65,14 @@ def _patients(counts: dict[str, int], seed: int) -> list[tuple[str, str]]:
 
 
 def make_cohort(root: str, counts: dict[str, int] | None = None, embedding_dim: int = 0,
-                shape: tuple[int, int, int] = (20, 16, 28), output: str | None = None) -> str:
+                shape: tuple[int, int, int] = (20, 16, 28), output: str | None = None,
+                organ_labels: dict[str, str] | None = None) -> str:
   """Converts a cohort with `counts` studies per split (one study per patient) into `output` (default
   `root/records`; may be a URL).
 
   Shapes vary by up to ±2 voxels per axis around `shape`; tracer alternates FDG/PSMA, stage cycles 0..4.
   `embedding_dim > 0` stores deterministic pseudo text embeddings instead of running the text encoder.
+  `organ_labels` ({"5": name, "21": name}) is written as the input's organs.json, so the manifest names them.
   Returns the records folder.
   """
   counts = counts or {"train": 4, "val": 2, "test": 1}
@@ -87,6 +90,9 @@ def make_cohort(root: str, counts: dict[str, int] | None = None, embedding_dim: 
       meta["stage"] = i % 5
     with open(os.path.join(folder, "meta.json"), "w") as f:
       json.dump(meta, f)
+  if organ_labels:
+    with open(os.path.join(nifti, "organs.json"), "w") as f:
+      json.dump(organ_labels, f)
   config = convert_configs.get_config()
   config.update(spacing=SPACING, val_fraction=VAL_FRACTION, test_fraction=TEST_FRACTION, records_per_shard=2,
                 prompt_template="{tracer} PET/CT, {age}")
@@ -97,7 +103,7 @@ def make_cohort(root: str, counts: dict[str, int] | None = None, embedding_dim: 
             .normal(size=embedding_dim).astype(np.float32) for p in prompts}
 
   output = output or os.path.join(root, "records")
-  with mock.patch.object(convert, "embed_prompts", fake_embeddings):
+  with mock.patch.object(studies, "embed_prompts", fake_embeddings):
     summary = convert.convert(nifti, output, config, workers=1, progress=False)
   assert not summary.errors, summary.errors
   return output

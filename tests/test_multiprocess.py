@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from petfm import config as config_lib
+from petfm import config as config_lib, rundir
 from petfm.train import common, pretrain
 from tests import fixtures_records
 from tests.test_pretrain import SMALL, random_batch
@@ -72,8 +72,8 @@ def params_at(workdir, step: int):
   config = config_lib.load_config(f"{CONFIG}:tiny", {**OVERRIDES, "distributed": False})
   mesh = common.create_mesh([("data", 1), ("fsdp", 1), ("tensor", 1)], jax.devices()[:1])
   setup = pretrain.build(config, mesh, random_batch(config))
-  ckpt = common.Checkpointer(os.path.join(workdir, "checkpoints"), 2, 3)
-  state = ckpt.restore(step, common.abstract_with_shardings(setup.abstract_state, setup.state_shardings))
+  ckpt = rundir.Checkpointer(os.path.join(workdir, "checkpoints"), 2, 3)
+  state = ckpt.restore(step, rundir.abstract_with_shardings(setup.abstract_state, setup.state_shardings))
   ckpt.close()
   return jax.device_get(state["params"])
 

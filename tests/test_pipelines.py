@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from petfm import rundir
 from petfm.data import pipelines, records
 from petfm.errors import UserError
-from petfm.train import common
 from tests.fixtures_records import aligned_intensities, make_cohort
 
 E = 8  # text embedding size of the fixture cohort
@@ -236,7 +236,7 @@ def test_iterator_state_restores_the_following_batches(data_dir, tmp_path):
   # Through Orbax, as the trainers save it.
   it = iter(ds)
   take_from(it, 2)
-  ckpt = common.Checkpointer(str(tmp_path / "ckpt"), every_steps=1, keep=1, async_save=False)
+  ckpt = rundir.Checkpointer(str(tmp_path / "ckpt"), every_steps=1, keep=1, async_save=False)
   ckpt.save(2, {"step": jnp.zeros((), jnp.int32)}, it, force=True)
   ckpt.wait()
   restored = iter(ds)

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from petfm import config as config_lib
+from petfm import config as config_lib, rundir
 from petfm.errors import UserError
 from petfm.train import common, pretrain
 
@@ -96,9 +96,9 @@ def restore_on(config, workdir, mesh_spec):
   """The latest train state of `workdir`, restored straight into the shardings of `mesh_spec`."""
   mesh = common.create_mesh(mesh_spec)
   setup = pretrain.build(config, mesh, random_batch(config))
-  ckpt = common.Checkpointer(os.path.join(workdir, "checkpoints"), 3, 3)
+  ckpt = rundir.Checkpointer(os.path.join(workdir, "checkpoints"), 3, 3)
   with jax.set_mesh(mesh), nn.logical_axis_rules(setup.rules):
-    state = ckpt.restore(ckpt.latest_step(), common.abstract_with_shardings(setup.abstract_state,
+    state = ckpt.restore(ckpt.latest_step(), rundir.abstract_with_shardings(setup.abstract_state,
                                                                             setup.state_shardings))
   ckpt.close()
   shardings = {str(x.sharding.spec) for x in jax.tree.leaves(state["params"])}

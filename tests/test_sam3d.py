@@ -13,7 +13,7 @@ import pytest
 from conftest import GOLDEN_DIR
 from petfm.errors import UserError
 from petfm.models import sam3d
-from petfm.seganypet import convert
+from petfm.seganypet import official_weights
 
 SMALL = sam3d.Sam3DConfig(img_size=32, patch_size=8, width=48, depth=3, num_heads=4, mlp_dim=96,
                           global_attn_indexes=(1,), window_size=6, prompt_dim=48, mask_in_chans=8,
@@ -41,7 +41,7 @@ def _run_clicks(config, variables, crop):
 
 @pytest.fixture(scope="module")
 def golden():
-  variables = convert.variables_from_state_dict(convert.read_state_dict(PTH), SMALL, PTH)
+  variables = official_weights.variables_from_state_dict(official_weights.read_state_dict(PTH), SMALL, PTH)
   return variables, dict(np.load(GOLDEN_DIR / "sam_med3d_small_io.npz"))
 
 
@@ -65,7 +65,7 @@ def test_bfloat16_compute_stays_close(golden):
 
 def test_vit_b_ori_table_and_shapes():
   config = sam3d.get_config("vit_b_ori")
-  table = convert.mapping_table(config)
+  table = official_weights.mapping_table(config)
   shapes = {e.key: e.torch_shape for e in table}
   assert len(table) == len(shapes) == 324
   assert sum(int(np.prod(s)) for s in shapes.values()) == 100_509_616
@@ -105,18 +105,18 @@ def test_vit_b_ori_table_and_shapes():
 
 
 def test_bad_state_dicts_are_listed(golden):
-  state = convert.read_state_dict(PTH)
+  state = official_weights.read_state_dict(PTH)
   state.pop("image_encoder.blocks.0.attn.rel_pos_h")
   state["mask_decoder.extra.weight"] = np.zeros(3, np.float32)
   state["mask_decoder.iou_token.weight"] = np.zeros((2, 48), np.float32)
   with pytest.raises(UserError) as e:
-    convert.variables_from_state_dict(state, SMALL, "x.pth")
+    official_weights.variables_from_state_dict(state, SMALL, "x.pth")
   message = str(e.value)
   for part in ("1 missing: image_encoder.blocks.0.attn.rel_pos_h", "1 unexpected: mask_decoder.extra.weight",
                "1 wrong shape: mask_decoder.iou_token.weight (2, 48) (expected (1, 48))"):
     assert part in message
   with pytest.raises(UserError, match="wrong shape"):       # the small model is not vit_b_ori
-    convert.main([PTH, "/nonexistent/out"])
+    official_weights.main([PTH, "/nonexistent/out"])
 
 
 def test_pickle_asking_for_code_is_refused(tmp_path):
@@ -130,16 +130,16 @@ def test_pickle_asking_for_code_is_refused(tmp_path):
   with zipfile.ZipFile(path, "w") as archive:
     archive.writestr("evil/data.pkl", pickle.dumps({"model_state_dict": Payload()}, protocol=2))
   with pytest.raises(UserError, match=r"refusing to load: the pickle asks for '(posix|os)\.system'"):
-    convert.read_state_dict(str(path))
+    official_weights.read_state_dict(str(path))
   assert not marker.exists()
 
 
 def test_save_load_round_trip(golden, tmp_path):
   variables, _ = golden
-  convert.save(str(tmp_path / "ckpt"), variables, SMALL)
-  config, restored = convert.load(str(tmp_path / "ckpt"))
+  official_weights.save(str(tmp_path / "ckpt"), variables, SMALL)
+  config, restored = official_weights.load(str(tmp_path / "ckpt"))
   assert config == SMALL
   for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(restored)):
     np.testing.assert_array_equal(a, b)
   with pytest.raises(UserError, match="already holds a checkpoint"):
-    convert.save(str(tmp_path / "ckpt"), variables, SMALL)
+    official_weights.save(str(tmp_path / "ckpt"), variables, SMALL)

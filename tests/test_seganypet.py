@@ -1,5 +1,5 @@
-"""Segmenter API (against the official-code golden outputs), invisible capacity padding of points, and the
-official crop preprocessing."""
+"""The Segmenter API on a converted checkpoint (against the official-code golden outputs), invisible capacity
+padding of points, and the official crop preprocessing."""
 
 import jax
 import jax.numpy as jnp
@@ -9,34 +9,35 @@ import pytest
 from conftest import GOLDEN_DIR
 from petfm.errors import UserError
 from petfm.models import sam3d
-from petfm.seganypet import Segmenter, convert, preprocess, segmenter as segmenter_lib
+from petfm.seganypet import Segmenter, official_weights, preprocess, promptable
 from test_sam3d import CLICKS, PTH, SMALL, _rel
 
 
 @pytest.fixture(scope="module")
 def segmenter(tmp_path_factory):
   directory = str(tmp_path_factory.mktemp("ckpt") / "small")
-  convert.save(directory, convert.variables_from_state_dict(convert.read_state_dict(PTH), SMALL), SMALL)
-  return Segmenter.from_checkpoint(directory)
+  state = official_weights.read_state_dict(PTH)
+  official_weights.save(directory, official_weights.variables_from_state_dict(state, SMALL), SMALL)
+  return Segmenter.load(directory)
 
 
 def test_segmenter_matches_official_clicks(segmenter):
   io = np.load(GOLDEN_DIR / "sam_med3d_small_io.npz")
-  embedding = segmenter.embed(io["crop"])
+  embedding = segmenter.embed_prepared(io["crop"])
   assert _rel(embedding, io["embedding"][0].transpose(1, 2, 3, 0)) < 1e-4
   logits, iou = segmenter.predict(embedding, CLICKS[0][0][0], CLICKS[0][1][0])   # mask_input=None: zeros
-  assert _rel(logits, io["low_res_1"]) < 1e-4 and iou == pytest.approx(float(io["iou_1"]), rel=1e-4)
+  assert _rel(logits, io["low_res_1"]) < 1e-4 and float(iou) == pytest.approx(float(io["iou_1"]), rel=1e-4)
   logits, iou = segmenter.predict(embedding, CLICKS[1][0][0], CLICKS[1][1][0], mask_input=logits)
-  assert _rel(logits, io["low_res_2"]) < 1e-4 and iou == pytest.approx(float(io["iou_2"]), rel=1e-4)
+  assert _rel(logits, io["low_res_2"]) < 1e-4 and float(iou) == pytest.approx(float(io["iou_2"]), rel=1e-4)
   assert segmenter.upsample(logits).shape == (32, 32, 32)
   # batched = one by one
   batch = np.stack([io["crop"], -io["crop"]])
-  embeddings = segmenter.embed_batch(batch)
+  embeddings = segmenter.embed_prepared(batch)
   points, labels = np.array([[[3, 4, 5]], [[20, 1, 9]]]), np.array([[1], [0]])
   logits, ious = segmenter.predict_batch(embeddings, points, labels)
   for i in range(2):
-    single, single_iou = segmenter.predict(segmenter.embed(batch[i]), points[i], labels[i])
-    assert _rel(logits[i], single) < 1e-5 and ious[i] == pytest.approx(single_iou, rel=1e-5)
+    single, single_iou = segmenter.predict(segmenter.embed_prepared(batch[i]), points[i], labels[i])
+    assert _rel(logits[i], single) < 1e-5 and float(ious[i]) == pytest.approx(float(single_iou), rel=1e-5)
 
 
 def _unpadded(config, variables, embedding, points, labels, mask):
@@ -57,8 +58,8 @@ def _clicks(rng, n, size):
 def test_capacity_padding_changes_nothing_and_compiles_once_per_capacity(segmenter):
   rng = np.random.default_rng(1)
   io = np.load(GOLDEN_DIR / "sam_med3d_small_io.npz")
-  embedding = segmenter.embed(io["crop"])
-  segmenter = Segmenter(SMALL, segmenter.variables)          # fresh jit caches
+  embedding = segmenter.embed_prepared(io["crop"])
+  promptable._predict.clear_cache()                          # fresh jit caches
   logits = None
   for n in range(1, 7):                      # capacities 1, 2, 4, 4, 8, 8; mask prompt from the previous
                                              # click
@@ -67,8 +68,8 @@ def test_capacity_padding_changes_nothing_and_compiles_once_per_capacity(segment
     ref_logits, ref_iou = _unpadded(SMALL, segmenter.variables, embedding[None], points, labels, mask)
     logits, iou = segmenter.predict(embedding, points[0], labels[0], None if n == 1 else mask[0])
     np.testing.assert_allclose(logits, ref_logits[0], rtol=0, atol=1e-6 * float(np.abs(ref_logits).max()))
-    assert iou == pytest.approx(float(ref_iou[0]), abs=1e-6)
-  assert segmenter._predict._cache_size() == 4      # one compile per capacity, not per click
+    assert float(iou) == pytest.approx(float(ref_iou[0]), abs=1e-6)
+  assert promptable._predict._cache_size() == 4      # one compile per capacity, not per click
 
 
 def test_capacity_padding_in_folded_attention_orders():
@@ -89,12 +90,12 @@ def test_capacity_padding_in_folded_attention_orders():
     padded_points = rng.integers(0, 32, (1, 16, 3)).astype(np.float32)
     padded_labels = np.full((1, 16), sam3d.ABSENT, np.int32)
     padded_points[0, slots], padded_labels[0, slots] = points[0], labels[0]
-    out = jax.jit(lambda *a: segmenter_lib.prompt_and_decode(model, *a))(
+    out = jax.jit(lambda *a: promptable.prompt_and_decode(model, *a))(
         variables, jnp.asarray(embedding), jnp.asarray(padded_points), jnp.asarray(padded_labels),
         jnp.asarray(mask))
     for a, b in zip(out, ref):      # float32 rounding: merely reordering the real points differs by ≈ 1.5e-6
       np.testing.assert_allclose(a, b, rtol=0, atol=3e-6 * max(1.0, float(np.abs(b).max())))
-  assert [segmenter_lib.capacity(n) for n in (1, 2, 3, 5, 8, 9)] == [1, 2, 4, 8, 8, 16]
+  assert [promptable.capacity(n) for n in (1, 2, 3, 5, 8, 9)] == [1, 2, 4, 8, 8, 16]
 
 
 @pytest.mark.parametrize("points, labels, mask, match", [
@@ -106,7 +107,9 @@ def test_predict_rejects_bad_prompts(segmenter, points, labels, mask, match):
   with pytest.raises(UserError, match=match):
     segmenter.predict(embedding, points, labels, mask)
   with pytest.raises(UserError, match="crop"):
-    segmenter.embed(np.zeros((16, 32, 32)))
+    segmenter.embed_prepared(np.zeros((16, 32, 32)))
+  with pytest.raises(UserError, match="image"):
+    segmenter.embed(np.zeros((32, 32, 32, 2)))
 
 
 def test_crop_start_follows_torchio():

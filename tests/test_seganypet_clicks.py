@@ -1,7 +1,7 @@
 """Click simulation, click training (loss, resume, twin backbone), eval-clicks and the segment CLI.
 
 One small model (16³ crops) is trained once per module and shared: checkpoints, eval-clicks, the segment CLI
-and the compile-per-capacity check all read it, and `ClickModel`s of one spec share their compiled steps.
+and the compile-per-capacity check all read it, and `Segmenter`s of one spec share their compiled steps.
 Its segment-CLI mask is only checked to lie at the clicked blob, not to cover it: after 40 steps it marks a
 few dozen voxels there, and even 120 lesion-only steps covered only ≈ 40 % of a lesion-sized blob.
 """
@@ -18,6 +18,7 @@ import pytest
 
 import fixtures_records
 from petfm import config as config_lib
+from petfm.errors import UserError
 from petfm.models.sam3d import NEGATIVE, PADDING, POSITIVE
 from petfm.seganypet import baseline, clicks, eval_clicks, promptable
 from petfm.train import seganypet
@@ -34,7 +35,8 @@ STEPS = 40                                         # checkpoints at STEPS / 2 an
 
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
-  return fixtures_records.make_cohort(str(tmp_path_factory.mktemp("cohort")), {"train": 2, "test": 1})
+  return fixtures_records.make_cohort(str(tmp_path_factory.mktemp("cohort")), {"train": 2, "test": 1},
+                                      organ_labels={"5": "liver", "21": "nodes_iliac_left"})
 
 
 def _params(workdir):
@@ -100,7 +102,7 @@ def trained(cohort, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def click_model(trained):
-  return promptable.ClickModel.load(trained)
+  return promptable.Segmenter.load(trained)
 
 
 def _config(data_dir, arg="tiny", **overrides):
@@ -141,6 +143,7 @@ def test_eval_clicks_writes_table_and_scores_match_metrics(cohort, trained, clic
   assert "| sam3d | lesions |" in table and f"| {baseline.SuvThreshold.name} | organs |" in table
   rows = [r for r in every if r["method"] == "sam3d"]
   assert len(every) == 2 * len(rows) and {r["category"] for r in rows} == set(eval_clicks.CATEGORIES)
+  assert {r["name"] for r in rows} == {"liver", "nodes_iliac_left", "lesion"}  # manifest organ_labels
   # row 0 by hand: one click at the truth's most interior voxel, Dice against the crop's truth
   model = click_model
   batch = next(iter(pipelines.crop_dataset(cohort, "test", promptable.data_config_for(model.spec, cohort),
@@ -148,10 +151,16 @@ def test_eval_clicks_writes_table_and_scores_match_metrics(cohort, trained, clic
                                            shard_count=1)))
   truth = batch["mask"][0] > 0
   point, label = clicks.next_click(np.zeros_like(truth), truth)
-  pred = model.upsample(model.predict(model.embed(batch["image"][0]), [point], [label])) > 0
+  pred = np.asarray(model.upsample(model.predict(model.embed(batch["image"][0]), [point], [label])[0])) > 0
   assert rows[0]["dice_1"] == pytest.approx(metrics.dice(pred, truth))
   assert rows[0]["surface_dice_1"] == pytest.approx(
       metrics.surface_dice(pred, truth, fixtures_records.SPACING))
+  manifest = json.loads(open(os.path.join(cohort, "manifest.json")).read())
+  del manifest["organ_labels"]                      # as written before `petfm prepare` recorded them
+  (tmp_path / "old").mkdir()
+  (tmp_path / "old" / "manifest.json").write_text(json.dumps(manifest))
+  with pytest.raises(UserError, match="has no organ_labels"):
+    eval_clicks.evaluate(model, str(tmp_path / "old"), "test")
 
 
 def test_training_beats_the_untrained_model_on_held_out_targets(cohort, click_model):
@@ -159,7 +168,7 @@ def test_training_beats_the_untrained_model_on_held_out_targets(cohort, click_mo
   initialisation (≈ 0.31 against 0.17 mean Dice@3 here): the click training learns. Not an accuracy target:
   after 40 steps it is still far below the SUV-threshold baseline on these clean phantoms."""
   spec = click_model.spec
-  untrained = promptable.ClickModel(spec, nn.unbox(promptable.init_variables(spec, jax.random.key(1))))
+  untrained = promptable.Segmenter(spec, nn.unbox(promptable.init_variables(spec, jax.random.key(1))))
   dice = {}
   for name, model in (("trained", click_model), ("untrained", untrained)):
     rows = eval_clicks.evaluate(model, cohort, "test", counts=(1, 3))
@@ -230,11 +239,11 @@ def test_segment_cli_round_trip_and_interactive(trained, tmp_path, capsys):
 def test_click_model_compiles_once_per_capacity(click_model):
   """Clicks 1…8 compile the prompt+decode step only for new point capacities (1, 2, 4, 8)."""
   embedding = click_model.embed(np.random.default_rng(0).standard_normal((16, 16, 16, 1)).astype(np.float32))
-  sizes, low = [promptable._prompt_and_decode._cache_size()], None
+  sizes, low = [promptable._predict._cache_size()], None
   for n in range(1, 9):
-    low = click_model.predict(embedding, [[8, 8, 8]] + [[2 * i, 3, 5] for i in range(1, n)],
-                              [1] + [0] * (n - 1), low)
-    sizes.append(promptable._prompt_and_decode._cache_size())
+    low, _ = click_model.predict(embedding, [[8, 8, 8]] + [[2 * i, 3, 5] for i in range(1, n)],
+                                 [1] + [0] * (n - 1), low)
+    sizes.append(promptable._predict._cache_size())
   new = np.diff(sizes)
   assert all(new[n - 1] == 0 for n in (4, 6, 7, 8)) and sum(new) <= 4
 
@@ -268,7 +277,7 @@ def test_twin_backbone_trains_and_evaluates(cohort, tmp_path):
   workdir = str(tmp_path / "twin")
   metrics = seganypet.train(_config(cohort, "tiny,backbone=fratmae_twin", total_steps=2), workdir)
   assert np.isfinite(metrics["loss"])
-  model = promptable.ClickModel.load(workdir)
+  model = promptable.Segmenter.load(workdir)
   assert model.spec.backbone == "fratmae_twin" and model.spec.channels == ("pet", "ct")
   from petfm.seganypet import eval_clicks
   rows = eval_clicks.evaluate(model, cohort, "test", counts=(1, 3))

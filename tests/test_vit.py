@@ -1,4 +1,4 @@
-"""ViT building blocks (petfm.models.vit) and timm/MAE checkpoint loading (petfm.models.checkpoints)."""
+"""ViT building blocks (petfm.models.vit) and timm/MAE checkpoint loading (petfm.models.timm_weights)."""
 
 import math
 
@@ -11,7 +11,7 @@ from scipy.special import erf
 
 from conftest import GOLDEN_DIR
 from petfm.errors import UserError
-from petfm.models import checkpoints, vit
+from petfm.models import timm_weights, vit
 
 TIMM_PTH, TIMM_MAE_PTH, TIMM_IO = (GOLDEN_DIR / n for n in ("timm_vit_tiny.pth", "timm_vit_tiny_mae.pth",
                                                             "timm_vit_tiny_io.npz"))
@@ -196,7 +196,7 @@ def features(model, params, image):
 def test_timm_parity_from_golden(path):
   io = np.load(TIMM_IO)
   model, target = timm_like_vit()
-  params, ignored = checkpoints.load_vit_checkpoint(str(path), target)
+  params, ignored = timm_weights.load_vit_checkpoint(str(path), target)
   assert isinstance(jax.tree.leaves(params, is_leaf=lambda v: isinstance(v, nn.Partitioned))[0],
                     nn.Partitioned)
   if path == TIMM_MAE_PTH:
@@ -207,42 +207,42 @@ def test_timm_parity_from_golden(path):
 def test_checkpoint_mismatches_are_one_error():
   _, shallow = timm_like_vit(depth=1)
   with pytest.raises(UserError, match=r"unexpected blocks\.1\.attn\.proj\.bias, .*blocks\.1\.norm2\.weight"):
-    checkpoints.load_vit_checkpoint(str(TIMM_PTH), shallow)
+    timm_weights.load_vit_checkpoint(str(TIMM_PTH), shallow)
   _, deep = timm_like_vit(depth=3)
   with pytest.raises(UserError, match=r"missing encoder/block_2/attn/key/bias"):
-    checkpoints.load_vit_checkpoint(str(TIMM_PTH), deep)
+    timm_weights.load_vit_checkpoint(str(TIMM_PTH), deep)
   _, wide = timm_like_vit(mlp_dim=96)
   with pytest.raises(UserError,
                      match=r"blocks\.0\.mlp\.fc1\.weight has shape \(48, 192\), expected \(48, 96\)"):
-    checkpoints.load_vit_checkpoint(str(TIMM_PTH), wide)
+    timm_weights.load_vit_checkpoint(str(TIMM_PTH), wide)
   _, patch4 = timm_like_vit(patch_size=(4, 4))
   with pytest.raises(UserError, match="patch sizes must match"):
-    checkpoints.load_vit_checkpoint(str(TIMM_PTH), patch4)
+    timm_weights.load_vit_checkpoint(str(TIMM_PTH), patch4)
 
 
 def test_slab_channels_posemb_resampling_and_sincos():
   io = np.load(TIMM_IO)
   rgb_model, rgb_target = timm_like_vit()
-  rgb_params, _ = checkpoints.load_vit_checkpoint(str(TIMM_PTH), rgb_target)
+  rgb_params, _ = timm_weights.load_vit_checkpoint(str(TIMM_PTH), rgb_target)
   grey = io["image"].mean(-1, keepdims=True)
   # D = 5 slices as channels: a slab whose slices all equal a grey image gives the RGB model's grey output
   slab_model, slab_target = timm_like_vit(channels=5)
-  slab_params, _ = checkpoints.load_vit_checkpoint(str(TIMM_PTH), slab_target)
+  slab_params, _ = timm_weights.load_vit_checkpoint(str(TIMM_PTH), slab_target)
   np.testing.assert_allclose(features(slab_model, slab_params, np.repeat(grey, 5, -1)),
                              features(rgb_model, rgb_params, np.repeat(grey, 3, -1)), atol=1e-5)
   # learned posemb on another grid: resampled, CLS slot kept
   rect_model = vit.ViT(48, 2, 4, 192, (8, 8), posemb="learn", cls_token=True)
   rect_target = jax.eval_shape(rect_model.init, jax.random.key(0), jnp.zeros((1, 64, 32, 3)))["params"]
   with pytest.raises(UserError, match=r"pass grid=\(h, w\)"):
-    checkpoints.load_vit_checkpoint(str(TIMM_PTH), rect_target)
-  rect, _ = checkpoints.load_vit_checkpoint(str(TIMM_PTH), rect_target, grid=(8, 4))
+    timm_weights.load_vit_checkpoint(str(TIMM_PTH), rect_target)
+  rect, _ = timm_weights.load_vit_checkpoint(str(TIMM_PTH), rect_target, grid=(8, 4))
   source = nn.unbox(rgb_params)["pos_embed"]
   np.testing.assert_allclose(nn.unbox(rect)["pos_embed"][:, 0], source[:, 0])
   assert nn.unbox(rect)["pos_embed"].shape == (1, 33, 48)
   # fixed sin-cos, no CLS: pos_embed and cls_token are ignored, everything else loads
   sincos_model = vit.ViT(48, 2, 4, 192, (8, 8))
   sincos_target = jax.eval_shape(sincos_model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
-  _, ignored = checkpoints.load_vit_checkpoint(str(TIMM_PTH), sincos_target)
+  _, ignored = timm_weights.load_vit_checkpoint(str(TIMM_PTH), sincos_target)
   assert ignored == ["cls_token", "pos_embed"]
 
 
@@ -258,5 +258,5 @@ def test_timm_live():
   with torch.no_grad():
     expected = model.forward_features(torch.from_numpy(image).permute(0, 3, 1, 2)).numpy()
   ours, target = timm_like_vit()
-  params, _ = checkpoints.vit_params_from_state_dict(state, target)
+  params, _ = timm_weights.vit_params_from_state_dict(state, target)
   np.testing.assert_allclose(features(ours, params, image), expected, atol=1e-5)

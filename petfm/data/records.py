@@ -112,6 +112,18 @@ def read_manifest(data_dir: str) -> dict[str, Any]:
   return manifest
 
 
+def organ_labels(data_dir: str) -> dict[str, str]:
+  """{"label id": organ name} of the dataset's organ label maps (manifest `organ_labels`, written by `petfm
+  prepare` from the input's organs.json; {} when the input had none). `UserError` for a manifest written
+  before `petfm prepare` recorded them."""
+  from petfm.errors import UserError
+  manifest = read_manifest(data_dir)
+  if "organ_labels" not in manifest:
+    raise UserError(f"{paths.join(data_dir, MANIFEST)}: has no organ_labels (written by an older `petfm "
+                    "prepare`); convert the studies again with `petfm prepare` to record the organ names")
+  return manifest["organ_labels"]
+
+
 def shard_files(data_dir: str, shards: Iterable[str]) -> list[str]:
   """Local files of the ArrayRecord `shards` of `data_dir` (ArrayRecord reads local files only: shards of a
   remote `data_dir` are read from their `paths.local_copy`); `UserError` for a missing one."""

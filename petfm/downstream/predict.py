@@ -15,9 +15,8 @@ import nibabel as nib
 import numpy as np
 from absl import flags
 
-from data_prep import convert
-from data_prep.configs import convert as convert_configs
-from petfm.data import checks, geometry
+from petfm import rundir
+from petfm.data import checks, geometry, studies
 from petfm.downstream import data as ddata
 from petfm.errors import UserError
 
@@ -26,15 +25,15 @@ def load_study(study_dir: str, spacing) -> dict:
   """The record of an autoPET-layout study folder as `petfm prepare` would store it (`UserError` on bad
   input)."""
   check_study(study_dir)
-  config = convert_configs.get_config()
+  config = studies.get_config()
   config.update(layout="autopet", spacing=tuple(float(s) for s in np.broadcast_to(spacing, (3,))),
                 require_label=False, allow_empty_label=True)
-  _, studies = convert.find_studies(study_dir, "autopet")
-  studies = [s for s in studies if os.path.abspath(os.path.dirname(s.pet)) == os.path.abspath(study_dir)]
-  jobs, errors = convert.plan_jobs(studies[:1], config)
+  _, found = studies.find_studies(study_dir, "autopet")
+  found = [s for s in found if os.path.abspath(os.path.dirname(s.pet)) == os.path.abspath(study_dir)]
+  jobs, errors = studies.plan_jobs(found[:1], config)
   if errors:
     raise UserError(errors[0])
-  return convert.convert_study(jobs[0], config)
+  return studies.convert_study(jobs[0], config)
 
 
 def check_checkpoint(checkpoint: str) -> dict:
@@ -44,10 +43,8 @@ def check_checkpoint(checkpoint: str) -> dict:
   if os.path.isfile(os.path.join(checkpoint, "model.json")):
     raise UserError(f"--checkpoint {checkpoint}: is a promptable model (`petfm train-seganypet`), not a "
                     "`petfm finetune` workdir; use it with `petfm segment`")
-  path = os.path.join(checkpoint, "config.json")
-  if not os.path.isfile(path):
-    raise UserError(f"--checkpoint {checkpoint}: no config.json; expected a `petfm finetune` workdir")
-  return checks.read_json(path, "--checkpoint", ("task", "spacing", "model.patch_size", "data.plane_size"))
+  return rundir.read_config(checkpoint, "--checkpoint", "finetune",
+                            ("task", "spacing", "model.patch_size", "data.plane_size"))
 
 
 def check_study(study_dir: str) -> None:

@@ -20,34 +20,35 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from data_prep.anatomy import NODAL_STATIONS, ORGAN_LABELS
 from petfm import viz
 from petfm.data import checks, pipelines, records
 from petfm.errors import ArgumentParser, UserError
-from petfm.eval import metrics
+from petfm.eval import metrics, staging
 from petfm.seganypet import baseline, clicks, promptable
 
 CLICK_COUNTS = (1, 3, 5, 10)
 CATEGORIES = ("organs", "node stations", "lesions")
 
 
-def target_name(kind: int, ident: int) -> str:
+def target_name(kind: int, ident: int, organ_labels: Mapping[str, str]) -> str:
+  """'lesion', or the organ / node station name from the manifest's `organ_labels` ('organ N' if unnamed)."""
   if kind == records.TARGET_LESION:
     return "lesion"
-  return ORGAN_LABELS.get(ident, f"organ {ident}")
+  return organ_labels.get(str(ident), f"organ {ident}")
 
 
-def category(kind: int, ident: int) -> str:
+def category(kind: int, ident: int, stations: Mapping[int, str]) -> str:
+  """One of `CATEGORIES`; `stations` is `staging.station_table(organ_labels)` (node stations: above/below)."""
   if kind == records.TARGET_LESION:
     return "lesions"
-  return "node stations" if ident in NODAL_STATIONS else "organs"
+  return "node stations" if stations.get(ident) in ("above", "below") else "organs"
 
 
-def click_scores(model: promptable.ClickModel | baseline.SuvThreshold, image: np.ndarray, truth: np.ndarray,
+def click_scores(model: promptable.Segmenter | baseline.SuvThreshold, image: np.ndarray, truth: np.ndarray,
                  spacing: Sequence[float], counts: Sequence[int] = CLICK_COUNTS, tolerance_mm: float = 1.0
                  ) -> dict[str, float]:
   """One crop (S, S, S, C), truth (S, S, S) → {dice_k, surface_dice_k} for k in counts. `model` is anything
@@ -68,13 +69,15 @@ def click_scores(model: promptable.ClickModel | baseline.SuvThreshold, image: np
   return out
 
 
-def evaluate(model: promptable.ClickModel, data_dir: str, split: str = "test",
+def evaluate(model: promptable.Segmenter, data_dir: str, split: str = "test",
              counts: Sequence[int] = CLICK_COUNTS, tolerance_mm: float = 1.0,
              baselines: Sequence[baseline.SuvThreshold] = ()) -> list[dict]:
   """One row per method (the model, then `baselines`) and target of `split`: method, study index, kind, id,
   name, category and the scores of `click_scores`. Every method sees the model's crops."""
   if split not in records.read_manifest(data_dir)["splits"]:
     raise UserError(f"{data_dir}: has no split {split!r}")
+  organ_labels = records.organ_labels(data_dir)
+  stations = staging.station_table(organ_labels)
   methods = [(model.spec.backbone, model)] + [(b.name, b) for b in baselines]
   cfg = promptable.data_config_for(model.spec, data_dir)
   rows = []
@@ -88,7 +91,8 @@ def evaluate(model: promptable.ClickModel, data_dir: str, split: str = "test",
       continue
     for name, method in methods:
       row = {"method": name, "study": int(batch["index"][0]), "kind": kind, "id": ident,
-             "name": target_name(kind, ident), "category": category(kind, ident)}
+             "name": target_name(kind, ident, organ_labels),
+             "category": category(kind, ident, stations)}
       row.update(click_scores(method, batch["image"][0], truth, model.spec.spacing, counts, tolerance_mm))
       rows.append(row)
   if not rows:
@@ -145,7 +149,7 @@ def main(argv: Sequence[str]) -> int:
   args = parser.parse_args(argv)
   checks.output_dir(args.out, "--out")
   records.read_manifest(args.data_dir)
-  model = promptable.ClickModel.load(args.checkpoint)
+  model = promptable.Segmenter.load(args.checkpoint)
   baselines = [baseline.SuvThreshold(model.spec)] if args.baseline else []
   rows = evaluate(model, args.data_dir, args.split, CLICK_COUNTS, args.tolerance_mm, baselines)
   write(rows, args.out)

@@ -69,7 +69,7 @@ def _join_negative_points(argv: Sequence[str]) -> list[str]:
 class Session:
   """One image, its crop and embedding; `click` adds a click and returns the mask on the input grid."""
 
-  def __init__(self, model: promptable.ClickModel, image: nib.Nifti1Image, first: np.ndarray,
+  def __init__(self, model: promptable.Segmenter, image: nib.Nifti1Image, first: np.ndarray,
                ct: nib.Nifti1Image | None = None):
     self.model = model
     suv = image.get_fdata(dtype=np.float32)
@@ -95,8 +95,8 @@ class Session:
                       "first positive point")
     self.points.append(point)
     self.labels.append(label)
-    self.logits = self.model.predict(self.embedding, self.points, self.labels, self.logits)
-    mask = (self.model.upsample(self.logits) > 0).astype(np.uint8)
+    self.logits, _ = self.model.predict(self.embedding, self.points, self.labels, self.logits)
+    mask = (np.asarray(self.model.upsample(self.logits)) > 0).astype(np.uint8)
     return preprocess.to_original(mask, self.geo)
 
 
@@ -136,7 +136,7 @@ def main(argv: Sequence[str], stdin=None) -> int:
   if not positives:
     raise UserError("--point: give at least one positive point (x,y,z or x,y,z:+); the crop is centred on it")
   ct = load_volume(args.ct, "--ct") if args.ct else None
-  model = promptable.ClickModel.load(args.checkpoint)
+  model = promptable.Segmenter.load(args.checkpoint)
   start = time.perf_counter()
   session = Session(model, image, positives[0], ct)
   print(f"embedded a {model.size}³ crop in {1e3 * (time.perf_counter() - start):.0f} ms")

@@ -28,6 +28,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 from petfm import paths
 from petfm.config import check, cluster_config
 from petfm.errors import UserError
+from petfm.rundir import Checkpointer, abstract_with_shardings
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")  # the batch is split over both; params are split over fsdp (ZeRO-3 style)
@@ -233,57 +234,6 @@ def accumulate_gradients(loss_fn: Callable, params: Any, batch: Mapping[str, jax
 
 
 # ------------------------------------------------------------------------------------------- checkpoints
-
-
-class Checkpointer:
-  """Orbax CheckpointManager for `{state, data_iter}`: async saves every N steps, keep the last K, restore
-  onto any mesh (the abstract state carries the target shardings).
-
-  `state` is any pytree of jax.Arrays (params, optimizer state, step, RNG key data). The grain iterator state
-  (JSON, the same on every process) is saved beside it, so resuming, on any number of processes, replays
-  exactly the batches an uninterrupted run would see.
-  """
-
-  def __init__(self, directory: str, every_steps: int, keep: int, async_save: bool = True):
-    self.directory = paths.absolute(directory)
-    options = ocp.CheckpointManagerOptions(
-        save_decision_policy=ocp.checkpoint_managers.FixedIntervalPolicy(every_steps),
-        preservation_policy=ocp.checkpoint_managers.LatestN(keep),
-        enable_async_checkpointing=async_save, create=True, cleanup_tmp_directories=True)
-    self.manager = ocp.CheckpointManager(self.directory, options=options)
-
-  def latest_step(self) -> int | None:
-    return self.manager.latest_step()
-
-  def should_save(self, step: int) -> bool:
-    return self.manager.should_save(step)
-
-  def save(self, step: int, state: Any, data_iter: Any | None = None, force: bool = False) -> bool:
-    items = {"state": ocp.args.StandardSave(state)}
-    if data_iter is not None:  # the same on every process (pipelines docstring), so one JSON for all
-      items["data_iter"] = ocp.args.JsonSave(data_iter.get_state())
-    return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
-
-  def restore(self, step: int, abstract_state: Any, data_iter: Any | None = None) -> Any:
-    items = {"state": ocp.args.StandardRestore(abstract_state)}
-    if data_iter is not None:
-      items["data_iter"] = ocp.args.JsonRestore()
-    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-    if data_iter is not None:
-      data_iter.set_state(restored["data_iter"])
-    return restored["state"]
-
-  def wait(self) -> None:
-    self.manager.wait_until_finished()
-
-  def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
-
-
-def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
-  """ShapeDtypeStructs carrying target shardings: what Orbax needs to restore onto a (different) mesh."""
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
 # ---------------------------------------------------------------------------------------------- metrics

@@ -32,10 +32,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
-from petfm import config as config_lib, paths
+from petfm import config as config_lib, paths, rundir
 from petfm.data import checks, pipelines, records
 from petfm.downstream import data as ddata
 from petfm.downstream import lesions
@@ -48,13 +47,13 @@ from petfm.train import common
 
 TASKS = ("lesions", "staging")
 PROTOCOLS = ("linear", "finetune", "scratch")
-ENCODERS = ("encoder", "pet_encoder", "ct_encoder")
 
 
 # ------------------------------------------------------------------------------------------------ config
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
+  config_lib.check_run(config)
   config_lib.check_choice(config, "task", TASKS)
   config_lib.check_choice(config, "protocol", PROTOCOLS)
   config_lib.check_choice(config, "head.kind", heads.SEG_HEADS)
@@ -63,15 +62,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
   config_lib.check_choice(config, "staging.classes", tuple(ddata.NUM_STAGE_CLASSES))
   config_lib.check(0 < config.label_fraction <= 1, "label_fraction",
                    f"must be in (0, 1], got {config.label_fraction}")
-  config_lib.check(config.total_steps > 0, "total_steps", f"must be > 0, got {config.total_steps}")
-  config_lib.check(config.batch_size > 0, "batch_size", f"must be > 0, got {config.batch_size}")
   config_lib.check(0 < config.optim.layer_decay <= 1, "optim.layer_decay", "must be in (0, 1]")
   config_lib.check(0 <= config.eval.overlap < 1, "eval.overlap", "must be in [0, 1)")
   config_lib.check(config.protocol != "linear" or bool(config.init_from), "init_from",
                    "protocol=linear probes a pretrained encoder; set --config.init_from=PRETRAIN_WORKDIR")
   config_lib.check(config.protocol != "scratch" or not config.init_from, "init_from",
                    "protocol=scratch trains from a random init; leave init_from empty")
-  config_lib.check_choice(config, "dtype", ("float32", "bfloat16"))
   pipelines.check_config(config.data, "slab")
 
 
@@ -79,12 +75,9 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The config with backbone and data settings taken from the pretraining run (when `init_from` is set)."""
   if not config.init_from:
     return config
-  path = paths.join(config.init_from, "config.json")
-  if not paths.exists(path):
-    raise UserError(f"--config.init_from {config.init_from}: no config.json; is it a `petfm pretrain` "
-                    "workdir?")
-  pretrained = checks.read_json(path, "--config.init_from", ("model.method", "data.view", "data.depth",
-                                                              "data.ct_clip", "data.suv_clip", "data.suv_scale"))
+  pretrained = rundir.read_config(config.init_from, "--config.init_from", "pretrain",
+                                  ("model.method", "data.view", "data.depth", "data.ct_clip", "data.suv_clip",
+                                   "data.suv_scale"))
   out = ml_collections.ConfigDict(config.to_dict())
   model = fratmae.default_config("tiny", pretrained["model"]["method"])
   model.update({k: tuple(v) if isinstance(v, list) else v
@@ -94,23 +87,6 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     value = pretrained["data"][key]
     out.data[key] = tuple(value) if isinstance(value, list) else value
   return out
-
-
-def load_encoders(workdir: str) -> dict[str, Any]:
-  """The encoder params (`encoder`, or `pet_encoder` and `ct_encoder`) of a pretraining run's latest
-  checkpoint, as numpy arrays."""
-  directory = paths.absolute(paths.join(workdir, "checkpoints"))
-  if not paths.isdir(directory):
-    raise UserError(f"--config.init_from {workdir}: no checkpoints/ folder; is it a `petfm pretrain` "
-                    "workdir?")
-  manager = ocp.CheckpointManager(directory)
-  step = manager.latest_step()
-  if step is None:
-    raise UserError(f"--config.init_from {workdir}: holds no finished checkpoint")
-  state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
-  manager.close()
-  params = state["params"]
-  return {k: jax.tree.map(np.asarray, params[k]) for k in ENCODERS if k in params}
 
 
 # ------------------------------------------------------------------------------------------------ model
@@ -304,7 +280,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   if jax.process_index() == 0:
     saved = config.to_dict()
     saved["spacing"] = spacing
-    records.write_atomic(paths.join(workdir, "config.json"), json.dumps(saved, indent=2, default=list))
+    rundir.write_config(workdir, json.dumps(saved, indent=2, default=list))
 
   # ------------------------------------------------------------------ mesh
   mesh = common.create_mesh(config.mesh)
@@ -315,11 +291,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   example = batches(0)
 
   # ------------------------------------------------------------------ model, optimizer, shardings, step
-  pretrained = load_encoders(config.init_from) if config.init_from else None
+  pretrained = rundir.load_encoders(config.init_from) if config.init_from else None
   setup = build(config, mesh, example, pretrained)
 
   # ------------------------------------------------------------------ checkpoint: resume or init
-  ckpt = common.Checkpointer(paths.join(workdir, "checkpoints"), config.checkpoint.every_steps,
+  ckpt = rundir.Checkpointer(paths.join(workdir, rundir.CHECKPOINTS), config.checkpoint.every_steps,
                              config.checkpoint.keep, config.checkpoint.async_save)
   logger = common.MetricsLogger(workdir, config.total_steps)
   with jax.set_mesh(mesh), nn.logical_axis_rules(setup.rules):
@@ -456,18 +432,14 @@ def evaluate(config: ml_collections.ConfigDict, setup: Setup, params: Any) -> di
 
 def load_finetuned(workdir: str) -> tuple[ml_collections.ConfigDict, Setup, Any]:
   """(config, setup on a one-device mesh, latest params) of a `petfm finetune` workdir."""
-  path = paths.join(workdir, "config.json")
-  if not paths.isfile(path):
-    raise UserError(f"--checkpoint {workdir}: no config.json; expected a `petfm finetune` workdir")
-  with paths.open_file(path) as f:
-    saved = json.load(f)
+  saved = rundir.read_config(workdir, "--checkpoint", "finetune")
   spacing = saved.pop("spacing", None)
   config = ml_collections.ConfigDict(saved)
   for node, key in ((config.model, "patch_size"), (config.data, "plane_size")):
     node[key] = tuple(node[key])
   config.init_from = ""          # the params come from the fine-tuning checkpoint
   config.spacing = spacing
-  mesh = common.create_mesh([("data", 1), ("fsdp", 1), ("tensor", 1)], jax.local_devices()[:1])
+  mesh = rundir.eval_mesh()
   h, w, d = window(config)
   if config.task == "lesions":
     example = {"pet": np.zeros((1, h, w, d), np.float32), "ct": np.zeros((1, h, w, d), np.float32)}
@@ -476,14 +448,7 @@ def load_finetuned(workdir: str) -> tuple[ml_collections.ConfigDict, Setup, Any]
     example = {"pet": np.zeros((1, s, h, w, d), np.float32), "ct": np.zeros((1, s, h, w, d), np.float32),
                "slab_valid": np.ones((1, s), bool), "position": np.zeros((1, s, 3), np.float32)}
   setup = build(config, mesh, example)
-  ckpt = common.Checkpointer(paths.join(workdir, "checkpoints"), 1, 1)
-  step = ckpt.latest_step()
-  if step is None:
-    raise UserError(f"--checkpoint {workdir}: holds no finished checkpoint")
-  with jax.set_mesh(mesh), nn.logical_axis_rules(setup.rules):
-    state = ckpt.restore(step, common.abstract_with_shardings(setup.abstract_state, setup.state_shardings))
-  ckpt.close()
-  return config, setup, state["params"]
+  return config, setup, rundir.restore_params(workdir, setup, "--checkpoint")
 
 
 def summary_line(results: dict[str, Any]) -> str:

@@ -22,7 +22,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from petfm import config as config_lib, paths
+from petfm import config as config_lib, paths, rundir
 from petfm.data import checks, pipelines, records
 from petfm.errors import UserError
 from petfm.eval import probe
@@ -35,16 +35,8 @@ MODEL_FIELDS = ("pet", "ct", "tracer", "text_embedding", "text_tokens")
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """Clear errors for bad values before anything expensive starts."""
-  config_lib.check_choice(config, "method", fratmae.METHODS)
-  config_lib.check_choice(config, "view", ("coronal", "axial"))
-  config_lib.check_choice(config, "mask_mode", fratmae.MASK_MODES)
-  config_lib.check(config.total_steps > 0, "total_steps", f"must be > 0, got {config.total_steps}")
-  config_lib.check(config.batch_size > 0, "batch_size", f"must be > 0, got {config.batch_size}")
-  config_lib.check(config.optim.accum_steps >= 1, "optim.accum_steps", "must be >= 1")
-  config_lib.check(config.checkpoint.every_steps > 0, "checkpoint.every_steps", "must be > 0")
-  config_lib.check(config.checkpoint.keep > 0, "checkpoint.keep", "must be > 0")
-  config_lib.check(config.log_every_steps > 0, "log_every_steps", "must be > 0")
-  config_lib.check_choice(config, "dtype", ("float32", "bfloat16"))
+  config_lib.check_run(config)
+  pipelines.check_config(config.data, "slab")
   fratmae.validate_config(config.model, config.data)
 
 
@@ -115,7 +107,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   manifest = records.read_manifest(config.data_dir)  # bad data: an error before the workdir gets a file
   paths.makedirs(workdir)
   if jax.process_index() == 0:
-    records.write_atomic(paths.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
+    rundir.write_config(workdir, config.to_json_best_effort(indent=2))
 
   # ------------------------------------------------------------------ mesh
   mesh = common.create_mesh(config.mesh)
@@ -131,7 +123,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   setup = build(config, mesh, example)
 
   # ------------------------------------------------------------------ checkpoint: resume or sharded init
-  ckpt = common.Checkpointer(paths.join(workdir, "checkpoints"), config.checkpoint.every_steps,
+  ckpt = rundir.Checkpointer(paths.join(workdir, rundir.CHECKPOINTS), config.checkpoint.every_steps,
                              config.checkpoint.keep, config.checkpoint.async_save)
   logger = common.MetricsLogger(workdir, config.total_steps)
   with jax.set_mesh(mesh), nn.logical_axis_rules(setup.rules):
@@ -183,17 +175,8 @@ def save_reconstruction_png(model, params, batch, step: int, workdir: str, logge
 def restore_params(config: ml_collections.ConfigDict, workdir: str,
                    example: dict[str, np.ndarray]) -> tuple[Setup, Any]:
   """The latest params of a run, restored onto a one-device mesh (for evaluation on this host)."""
-  mesh = common.create_mesh([("data", 1), ("fsdp", 1), ("tensor", 1)], jax.local_devices()[:1])
-  setup = build(config, mesh, example)
-  ckpt = common.Checkpointer(paths.join(workdir, "checkpoints"), config.checkpoint.every_steps,
-                             config.checkpoint.keep)
-  step = ckpt.latest_step()
-  if step is None:
-    raise UserError(f"{workdir}: no checkpoint to evaluate")
-  with jax.set_mesh(mesh), nn.logical_axis_rules(setup.rules):
-    state = ckpt.restore(step, common.abstract_with_shardings(setup.abstract_state, setup.state_shardings))
-  ckpt.close()
-  return setup, state["params"]
+  setup = build(config, rundir.eval_mesh(), example)
+  return setup, rundir.restore_params(workdir, setup, "--workdir")
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:

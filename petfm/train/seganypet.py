@@ -46,12 +46,12 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from petfm import config as config_lib, paths
+from petfm import config as config_lib, paths, rundir
 from petfm.data import checks, pipelines, records
 from petfm.errors import UserError
 from petfm.models import sam3d, sam3d_twin
 from petfm.models.sam3d import ABSENT
-from petfm.seganypet import clicks, convert, promptable, segmenter
+from petfm.seganypet import clicks, official_weights, promptable
 from petfm.train import common
 
 DICE_SMOOTH = 1e-5
@@ -60,13 +60,8 @@ DICE_SMOOTH = 1e-5
 def validate(config: ml_collections.ConfigDict) -> None:
   config_lib.check_choice(config, "backbone", promptable.BACKBONES)
   config_lib.check_choice(config, "pet_norm", promptable.PET_NORMS)
-  config_lib.check_choice(config, "dtype", ("float32", "bfloat16"))
-  for field in ("total_steps", "batch_size", "log_every_steps", "checkpoint.every_steps", "checkpoint.keep",
-                "clicks.rounds", "optim.accum_steps"):
-    value = config
-    for part in field.split("."):
-      value = value[part]
-    config_lib.check(value > 0, field, f"must be > 0, got {value}")
+  config_lib.check_run(config)
+  config_lib.check(config.clicks.rounds > 0, "clicks.rounds", f"must be > 0, got {config.clicks.rounds}")
   config_lib.check(tuple(config.data.crop_size) == (config.model.img_size,) * 3, "data.crop_size",
                    f"{tuple(config.data.crop_size)} must be model.img_size³ = {(config.model.img_size,) * 3}")
   wanted = ("pet",) if config.backbone == "sam3d" else ("pet", "ct")
@@ -100,7 +95,7 @@ def model_spec(config: ml_collections.ConfigDict) -> promptable.ModelSpec:
 def _converted(directory: str) -> tuple[sam3d.Sam3DConfig, Any]:
   if not paths.isdir(directory):
     raise UserError(f"--config.init_from {directory}: no such directory")
-  return convert.load(directory)
+  return official_weights.load(directory)
 
 
 def pretrained_params(config: ml_collections.ConfigDict, spec: promptable.ModelSpec) -> dict[str, Any] | None:
@@ -111,13 +106,9 @@ def pretrained_params(config: ml_collections.ConfigDict, spec: promptable.ModelS
   if config.backbone == "sam3d":
     variables = _converted(config.init_from)[1]
     return {"params": variables["params"], "buffers": variables["buffers"]}
-  from petfm.train import finetune
-  path = paths.join(config.init_from, "config.json")
-  if not paths.isfile(path):
-    raise UserError(f"--config.init_from {config.init_from}: no config.json; is it a `petfm pretrain` "
-                    "workdir?")
-  view = checks.read_json(path, "--config.init_from", ("data.view",))["data"]["view"]
-  encoders = sam3d_twin.encoders_from_pretraining(finetune.load_encoders(config.init_from), view,
+  saved = rundir.read_config(config.init_from, "--config.init_from", "pretrain", ("data.view",))
+  view = saved["data"]["view"]
+  encoders = sam3d_twin.encoders_from_pretraining(rundir.load_encoders(config.init_from), view,
                                                   spec.sam.patch_size)
   return {"params": encoders}
 
@@ -156,7 +147,7 @@ def click_rounds(model: sam3d.Sam3D, variables: Any, spec: promptable.ModelSpec,
     point, label = clicks.sample_clicks(jax.random.fold_in(rng, t), pred, truth, valid)
     points = jax.lax.dynamic_update_slice_in_dim(points, point[:, None], t, axis=1)
     labels = jax.lax.dynamic_update_slice_in_dim(labels, label[:, None], t, axis=1)
-    low, _ = segmenter.prompt_and_decode(model, variables, embedding, points, labels, low)
+    low, _ = promptable.prompt_and_decode(model, variables, embedding, points, labels, low)
     return (low, points, labels), low
 
   init = (jnp.zeros((b, m, m, m)), jnp.zeros((b, rounds, 3), jnp.int32),
@@ -253,7 +244,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   paths.makedirs(workdir)
   spec = model_spec(config)
   if jax.process_index() == 0:
-    records.write_atomic(paths.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
+    rundir.write_config(workdir, config.to_json_best_effort(indent=2))
     records.write_atomic(paths.join(workdir, "model.json"), spec.to_json())
 
   # ------------------------------------------------------------------ mesh
@@ -269,7 +260,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   setup = build(config, mesh, spec, pretrained)
 
   # ------------------------------------------------------------------ checkpoint: resume or init
-  ckpt = common.Checkpointer(paths.join(workdir, "checkpoints"), config.checkpoint.every_steps,
+  ckpt = rundir.Checkpointer(paths.join(workdir, rundir.CHECKPOINTS), config.checkpoint.every_steps,
                              config.checkpoint.keep, config.checkpoint.async_save)
   logger = common.MetricsLogger(workdir, config.total_steps)
   with jax.set_mesh(mesh), nn.logical_axis_rules(setup.rules):

@@ -1,4 +1,4 @@
-"""Golden files for petfm.models.checkpoints: a tiny timm VisionTransformer and one forward pass.
+"""Golden files for petfm.models.timm_weights: a tiny timm VisionTransformer and one forward pass.
 
 Run once in a venv with timm (never in CI):
   python -m venv /work/venv-timm && /work/venv-timm/bin/pip install torch==2.14.1 torchvision==0.29.1 timm
