@@ -83,21 +83,55 @@ def test_unetr_taps_evenly_spaced_layers_and_rejects_bad_patch():
     model.init(jax.random.key(0), jnp.zeros((1, 12, 12, 2)), jnp.zeros((1, 12, 12, 2)))
 
 
-@pytest.mark.parametrize("aggregation", ["mean", "attention"])
+@pytest.mark.parametrize("aggregation", ["mean", "sum", "attention"])
 def test_staging_ignores_padding_slabs(aggregation):
   model = heads.Stager(backbone(), num_classes=4, aggregation=aggregation)
   rng = np.random.default_rng(1)
   pet, ct = rng.random((2, 3, 8, 8, 2), np.float32), rng.random((2, 3, 8, 8, 2), np.float32)
   valid = np.array([[True, True, False], [True, False, False]])
-  params = nn.unbox(model.init(jax.random.key(0), pet, ct, valid)["params"])
-  logits, weights = model.apply({"params": params}, pet, ct, valid)
+  position = rng.uniform(-1, 1, (2, 3, 3)).astype(np.float32)
+  params = nn.unbox(model.init(jax.random.key(0), pet, ct, valid, position)["params"])
+  logits, weights = model.apply({"params": params}, pet, ct, valid, position)
   assert logits.shape == (2, 4) and weights.shape == (2, 3)
-  np.testing.assert_allclose(weights.sum(1), 1.0, rtol=1e-6)
+  np.testing.assert_allclose(weights.sum(1), valid.sum(1) if aggregation == "sum" else 1.0, rtol=1e-6)
   assert np.all(np.asarray(weights)[~valid] == 0)
-  pet2, ct2 = pet.copy(), ct.copy()
-  pet2[~valid], ct2[~valid] = 5.0, -3.0                                       # change only the padding slabs
-  np.testing.assert_allclose(model.apply({"params": params}, pet2, ct2, valid)[0], logits, rtol=1e-5,
-                             atol=1e-6)
+  pet2, ct2, position2 = pet.copy(), ct.copy(), position.copy()
+  pet2[~valid], ct2[~valid], position2[~valid] = 5.0, -3.0, 0.5               # change only the padding slabs
+  np.testing.assert_allclose(model.apply({"params": params}, pet2, ct2, valid, position2)[0], logits,
+                             rtol=1e-5, atol=1e-6)
+  moved = position.copy()
+  moved[0, 0] = -moved[0, 0]                                                  # where a lesion lies matters
+  assert not np.allclose(model.apply({"params": params}, pet, ct, valid, moved)[0][0], logits[0])
+
+
+def test_lesion_stack_has_one_slab_per_lesion_at_its_place():
+  label = np.zeros((20, 16, 12), np.uint8)
+  label[2:5, 2:5, 1:4] = 1                          # 27 voxels near the first corner, centroid (3, 3, 2)
+  label[15, 12, 9] = 1                              # 1 voxel near the far corner
+  pet = np.arange(label.size, dtype=np.float32).reshape(label.shape)
+  study = ddata.Study("s", "p", pet, -pet, label, np.ones(3), np.eye(4), np.eye(4), np.array(label.shape), 1)
+  regions = ddata.staging_regions(ddata.components(label > 0), 3)
+  stack = ddata.lesion_stack(study, regions, (4, 4, 2), 3, (-1.0, -2.0))
+  assert stack["pet"].shape == (3, 4, 4, 2) and stack["slab_valid"].tolist() == [True, True, False]
+  np.testing.assert_array_equal(stack["pet"][0], pet[1:5, 1:5, 1:3])   # the larger lesion first, centred
+  np.testing.assert_array_equal(stack["ct"][1], -pet[13:17, 10:14, 8:10])
+  assert np.all(stack["pet"][2] == -1.0) and np.all(stack["ct"][2] == -2.0)
+  centre = np.array([2.5, 2.5, 1.5])                # of the slab pet[1:5, 1:5, 1:3]
+  np.testing.assert_allclose(stack["position"][0], 2 * centre / (np.array(label.shape) - 1) - 1)
+  rng = np.random.default_rng(0)
+  for _ in range(5):                                # training: random placement, the lesion always inside
+    regions = ddata.staging_regions(ddata.components(label > 0), 1, rng)
+    stack = ddata.lesion_stack(study, regions, (4, 4, 2), 1, (-1.0, -2.0), rng)
+    assert stack["slab_valid"].sum() == 1 and np.any(np.isin(stack["pet"][0], pet[label > 0]))
+  hot = np.zeros_like(label)
+  hot[10:12, 2:4, 8:10] = 1                           # physiological uptake: a distractor region
+  lesions, distractors = ddata.components(label > 0), ddata.components(hot > 0)
+  counts = []
+  for _ in range(20):
+    regions = ddata.staging_regions(lesions, 3, rng, distractors, 1)
+    counts.append(sum(len(r) == 8 for r in regions))
+    assert len(regions) <= 3 and sum(len(r) in (1, 27) for r in regions) == len(regions) - counts[-1]
+  assert set(counts) == {0, 1}                        # 0..distractors hot regions per bag
 
 
 # ---------------------------------------------------------------------------------------------- loss, windows
@@ -153,6 +187,20 @@ def test_sliding_window_of_a_pointwise_model_equals_the_whole_volume():
 
 
 # ----------------------------------------------------------------------------------------------- data helpers
+
+
+def test_components_are_drawn_uniformly_whatever_their_size():
+  mask = np.zeros((12, 12, 12), bool)
+  mask[:6, :6, :6] = True                                   # 216 voxels
+  mask[10, 10, 10] = True                                   # 1 voxel
+  mask[10, 0, 10] = mask[10, 1, 10] = True                  # 2 voxels
+  assert len(ddata.components(mask)) == 3 and len(ddata.components(mask, min_voxels=2)) == 2
+  found = ddata.components(mask)
+  rng = np.random.default_rng(0)
+  draws = np.array([found.draw(rng) for _ in range(600)])
+  assert mask[tuple(draws.T)].all()
+  share = np.mean(np.all(draws == [10, 10, 10], axis=1))
+  assert 0.25 < share < 0.42, share                         # ≈ 1/3, not 1/219
 
 
 def test_labelled_subsets_are_seeded_nested_and_never_empty():

@@ -1,5 +1,5 @@
 """Study-level data for the downstream tasks: whole studies in memory, labelled-patient subsets, slab sampling
-for training and whole-study slab stacks for staging.
+for training and lesion slab stacks for staging.
 
 Downstream work needs per-study control (a seeded subset of training patients, every slab of a study for
 staging, whole volumes for sliding-window evaluation), so the studies of a split are decoded once and kept in
@@ -15,10 +15,12 @@ from collections.abc import Iterator, Sequence
 
 import ml_collections
 import numpy as np
+from scipy import ndimage
 
 from petfm.data import pipelines, records
 from petfm.errors import UserError
 
+CONNECTIVITY = ndimage.generate_binary_structure(3, 2)   # 18-connectivity, as the autoPET metrics
 STUDY_FIELDS = ("study_id", "patient_id", "ct", "suv", "label", "spacing", "affine", "original_affine",
                 "original_shape", "stage")
 
@@ -118,24 +120,55 @@ def crop(study: Study, starts: Sequence[int], window: Sequence[int], pad: tuple[
   return {"pet": pet, "ct": ct, "label": label, "valid": valid.astype(np.uint8)}
 
 
-def slab_centres(study: Study, hot_pet: float) -> dict[str, np.ndarray]:
-  """Candidate slab centres of a study (view axes, (N, 3) int): `lesion` voxels and `hot` voxels that are no
-  lesion but have normalised PET ≥ `hot_pet` (physiological uptake, spill-over: where false positives
-  arise)."""
-  hot = (study.pet >= hot_pet) & (study.label == 0)
-  return {"lesion": np.argwhere(study.label > 0), "hot": np.argwhere(hot)}
+@dataclasses.dataclass
+class Components:
+  """Voxels (N, 3) int of connected components, grouped: component k holds voxels[starts[k]:starts[k + 1]]."""
+  voxels: np.ndarray
+  starts: np.ndarray
+
+  def __len__(self) -> int:
+    return len(self.starts) - 1
+
+  def __getitem__(self, k: int) -> np.ndarray:
+    """The voxels (n, 3) of component k."""
+    return self.voxels[self.starts[k]:self.starts[k + 1]]
+
+  def draw(self, rng: np.random.Generator) -> np.ndarray:
+    """A voxel of a uniformly drawn component, uniform within it: small components weigh as much as large."""
+    voxels = self[rng.integers(len(self))]
+    return voxels[rng.integers(len(voxels))]
 
 
-def sample_slabs(studies: Sequence[Study], centres: Sequence[dict[str, np.ndarray]], window: Sequence[int],
+def components(mask: np.ndarray, min_voxels: int = 1) -> Components:
+  """The 18-connected components of `mask` (H, W, S) with ≥ `min_voxels` voxels, as `Components`."""
+  labels, _ = ndimage.label(mask, structure=CONNECTIVITY)
+  sizes = np.bincount(labels.ravel())
+  sizes[0] = 0
+  kept = np.flatnonzero(sizes >= min_voxels)
+  voxels = np.argwhere(np.isin(labels, kept))
+  order = np.argsort(labels[tuple(voxels.T)], kind="stable")
+  return Components(voxels[order], np.concatenate([[0], np.cumsum(sizes[kept])]))
+
+
+def slab_centres(study: Study, hot_pet: float, min_hot_voxels: int = 8) -> dict[str, Components]:
+  """Candidate slab centres of a study (view axes), by connected component: `lesion` (every lesion) and `hot`
+  (regions of ≥ `min_hot_voxels` voxels that are no lesion but have normalised PET ≥ `hot_pet`: physiological
+  uptake, spill-over, where false positives arise)."""
+  return {"lesion": components(study.label > 0),
+          "hot": components((study.pet >= hot_pet) & (study.label == 0), min_hot_voxels)}
+
+
+def sample_slabs(studies: Sequence[Study], centres: Sequence[dict[str, Components]], window: Sequence[int],
                  batch_size: int, rng: np.random.Generator, pad: tuple[float, float],
                  foreground_fraction: float = 0.5, hard_fraction: float = 0.0) -> dict[str, np.ndarray]:
   """A training batch of random slabs (B, h, w, D): pet, ct float32, label uint8, valid uint8.
 
   A study is drawn uniformly; with probability `foreground_fraction` (when it has lesions) the slab holds a
-  random lesion voxel, with probability `hard_fraction` a random `hot` voxel (hard negatives; `centres`: the
-  `slab_centres` of each study), otherwise its position is uniform. The chosen voxel lies at a uniformly
-  random place in the slab (not always at its centre, which a model would learn as a prior); axes shorter than
-  the window are padded at a random offset."""
+  voxel of a random lesion, with probability `hard_fraction` a voxel of a random `hot` region (hard negatives;
+  `centres`: the `slab_centres` of each study), otherwise its position is uniform. Components are drawn
+  uniformly, so small lesions and small hot organs (salivary glands, a hot myocardium) are seen as often as
+  large ones. The chosen voxel lies at a uniformly random place in the slab (not always at its centre, which a
+  model would learn as a prior); axes shorter than the window are padded at a random offset."""
   out: dict[str, list] = {"pet": [], "ct": [], "label": [], "valid": []}
   for _ in range(batch_size):
     index = rng.integers(len(studies))
@@ -143,9 +176,8 @@ def sample_slabs(studies: Sequence[Study], centres: Sequence[dict[str, np.ndarra
     shape = study.pet.shape
     u = rng.random()
     kind = "lesion" if u < foreground_fraction else "hot" if u < foreground_fraction + hard_fraction else ""
-    pool = centres[index][kind] if kind else np.zeros((0, 3))
-    if len(pool):
-      centre = pool[rng.integers(len(pool))]
+    if kind and len(centres[index][kind]):
+      centre = centres[index][kind].draw(rng)
       starts = [int(np.clip(c - rng.integers(w), min(0, n - w), max(0, n - w)))
                 for c, w, n in zip(centre, window, shape)]
     else:
@@ -155,26 +187,44 @@ def sample_slabs(studies: Sequence[Study], centres: Sequence[dict[str, np.ndarra
   return {k: np.stack(v) for k, v in out.items()}
 
 
-def study_stack(study: Study, window: Sequence[int], max_slabs: int, pad: tuple[float, float]
-                ) -> dict[str, np.ndarray]:
-  """A whole study as slabs for staging, with the geometry of `pipelines.study_dataset`: the plane scaled to
-  fit (h, w) (aspect kept, centred), the central S·D slices of the stacking axis cut into S ≤ `max_slabs`
-  slabs. Returns pet, ct (max_slabs, h, w, D) float32 and slab_valid (max_slabs,) bool."""
+def staging_regions(lesions: Components, max_slabs: int, rng: np.random.Generator | None = None,
+                    hot: Components | None = None, distractors: int = 0) -> list[np.ndarray]:
+  """The regions (voxel arrays) that `lesion_stack` cuts slabs at: without `rng` (evaluation) the `max_slabs`
+  largest lesions; with it (training) a random subset of the lesions plus 0..`distractors` random `hot` regions
+  (physiological uptake: what a lesion detector's false positives look like, so the staging model learns to
+  ignore them)."""
+  if rng is None:
+    return sorted((lesions[k] for k in range(len(lesions))), key=len, reverse=True)[:max_slabs]
+  extra = []
+  if hot is not None and len(hot) and distractors:
+    count = min(int(rng.integers(distractors + 1)), len(hot), max_slabs - 1)
+    extra = [hot[k] for k in rng.choice(len(hot), count, replace=False)]
+  return [lesions[k] for k in rng.permutation(len(lesions))[:max_slabs - len(extra)]] + extra
+
+
+def lesion_stack(study: Study, regions: Sequence[np.ndarray], window: Sequence[int], max_slabs: int,
+                 pad: tuple[float, float], rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
+  """A study as native-resolution slabs for staging: one slab (h, w, D) per region (voxels (n, 3), view axes;
+  `staging_regions`: its lesions), at most `max_slabs`. With `rng` each slab holds a random voxel of its region,
+  anywhere in the slab (training); without, it is centred on the region's centroid (evaluation).
+
+  Returns pet, ct (max_slabs, h, w, D) float32, slab_valid (max_slabs,) bool and position (max_slabs, 3)
+  float32: each slab's centre in the study, every axis scaled to [-1, 1] (where in the body a lesion lies,
+  which a slab alone does not show)."""
+  shape = np.asarray(study.pet.shape)
   h, w, d = window
-  shape = np.asarray(study.pet.shape, np.float64)
-  slabs = min(math.ceil(shape[2] / d), max_slabs)
-  step = float(max(shape[0] / h, shape[1] / w))
-  out_shape = (h, w, slabs * d)
-  scale = np.array([step, step, 1.0])
-  centre = (shape - 1) / 2
-  offset = centre - scale * (np.asarray(out_shape, np.float64) - 1) / 2
-  offset[2] = np.floor(offset[2])
-  stacks = []
-  for volume, fill in ((study.pet, pad[0]), (study.ct, pad[1])):
-    x, _ = pipelines.resample_diagonal(volume, scale, offset, out_shape, 1, fill)
-    x = np.moveaxis(x.reshape(h, w, slabs, d), 2, 0)
-    stacks.append(np.concatenate([x, np.full((max_slabs - slabs, h, w, d), fill, np.float32)]))
-  return {"pet": stacks[0], "ct": stacks[1], "slab_valid": np.arange(max_slabs) < slabs}
+  out = {"pet": np.full((max_slabs, h, w, d), pad[0], np.float32),
+         "ct": np.full((max_slabs, h, w, d), pad[1], np.float32),
+         "slab_valid": np.zeros(max_slabs, bool), "position": np.zeros((max_slabs, 3), np.float32)}
+  for i, voxels in enumerate(regions[:max_slabs]):
+    if rng is not None:
+      starts = np.array([c - rng.integers(n) for c, n in zip(voxels[rng.integers(len(voxels))], window)])
+    else:
+      starts = np.round(voxels.mean(0)).astype(int) - np.asarray(window) // 2
+    slab = crop(study, starts, window, pad)
+    out["pet"][i], out["ct"][i], out["slab_valid"][i] = slab["pet"], slab["ct"], True
+    out["position"][i] = 2 * (starts + (np.asarray(window) - 1) / 2) / np.maximum(shape - 1, 1) - 1
+  return out
 
 
 def stage_index(stage: int, classes: str = "ann_arbor") -> int:

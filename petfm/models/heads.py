@@ -15,8 +15,8 @@ and `layers` (the per-block outputs (B, N, width)); tokens are row-major over th
 * `LinearHead`: the cheap SETR-naive option. Final tokens of all encoders, concatenated → Dense(p·p·D) →
   unpatchify → (B, H, W, D).
 * `StagingHead`: patient-level classifier over the slabs of a study. Slab features (B, S, F) with a slab
-  validity mask (B, S) → mean over the valid slabs or gated attention-MIL (Ilse et al. 2018) → linear or
-  2-layer MLP → (B, C) logits.
+  validity mask (B, S) → mean or sum over the valid slabs or gated attention-MIL (Ilse et al. 2018) → linear
+  or 2-layer MLP → (B, C) logits.
 
 `LesionSegmenter` and `Stager` put a FratMAE backbone (only its encoders are used, so only their params exist)
 and a head together; `freeze_backbone` stops gradients at the encoder outputs (linear probe).
@@ -36,7 +36,8 @@ from petfm.errors import UserError
 from petfm.models import fratmae, vit
 
 SEG_HEADS = ("unetr", "linear")
-AGGREGATIONS = ("mean", "attention")
+AGGREGATIONS = ("mean", "sum", "attention")
+NORMS = ("layer", "instance")
 
 
 def encoder_names(encoded: dict[str, Any]) -> list[str]:
@@ -79,10 +80,22 @@ def _conv(features: int, kernel: int, dtype, param_dtype, name: str, transpose: 
              bias_init=vit.partitioned(bias_init, ("conv_out",)))
 
 
+def _norm(kind: str, name: str, param_dtype) -> nn.Module:
+  """`layer`: LayerNorm over the channels of each pixel; `instance`: each channel over the slab's pixels."""
+  if kind == "layer":
+    return vit.layer_norm(name, param_dtype)
+  if kind == "instance":
+    return nn.GroupNorm(num_groups=None, group_size=1, dtype=jnp.float32, param_dtype=param_dtype, name=name,
+                        scale_init=vit.partitioned(nn.initializers.ones, ("norm",)),
+                        bias_init=vit.partitioned(nn.initializers.zeros, ("norm",)))
+  raise UserError(f"head norm {kind!r} is not one of {list(NORMS)}")
+
+
 class ConvBlock(nn.Module):
-  """`count` × (3×3 conv → LayerNorm over channels → GELU). (B, H, W, C) → (B, H, W, features)."""
+  """`count` × (3×3 conv → norm (`_norm`) → GELU). (B, H, W, C) → (B, H, W, features)."""
   features: int
   count: int = 2
+  norm: str = "layer"
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -90,7 +103,7 @@ class ConvBlock(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     for i in range(self.count):
       x = _conv(self.features, 3, self.dtype, self.param_dtype, f"conv_{i}")(x)
-      x = jax.nn.gelu(vit.layer_norm(f"norm_{i}", self.param_dtype)(x)).astype(self.dtype)
+      x = jax.nn.gelu(_norm(self.norm, f"norm_{i}", self.param_dtype)(x)).astype(self.dtype)
     return x
 
 
@@ -98,13 +111,14 @@ class Upsample(nn.Module):
   """2×2 transposed conv with stride 2, then a conv block. (B, H, W, C) → (B, 2H, 2W, features)."""
   features: int
   blocks: int = 1
+  norm: str = "layer"
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     x = _conv(self.features, 2, self.dtype, self.param_dtype, "up", transpose=True)(x)
-    return ConvBlock(self.features, self.blocks, self.dtype, self.param_dtype, name="block")(x)
+    return ConvBlock(self.features, self.blocks, self.norm, self.dtype, self.param_dtype, name="block")(x)
 
 
 class Fuse(nn.Module):
@@ -135,6 +149,7 @@ class UNETRHead(nn.Module):
   features: int = 16
   layers: tuple[int, ...] | None = None
   prior: float = 0.5                # lesion probability of the untrained head (final bias = logit(prior))
+  norm: str = "layer"               # of the conv blocks (`_norm`)
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -150,22 +165,23 @@ class UNETRHead(nn.Module):
     b, h, w, _ = images.shape
     grid = vit.patch_grid((h, w), self.patch_size)
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    conv_kw = dict(norm=self.norm, **kw)
 
     def fused(level: int) -> jax.Array:   # tap for `level` (1..L), fused and on the token grid
       tokens = [encoded[n]["layers"][taps[level - 1] - 1] for n in names]
       x = Fuse(self.channels(levels), **kw, name=f"fuse_{level}")(tokens)
       return x.reshape(b, *grid, x.shape[-1])
 
-    skips = {0: ConvBlock(self.channels(0), **kw, name="stem")(images.astype(self.dtype))}
+    skips = {0: ConvBlock(self.channels(0), **conv_kw, name="stem")(images.astype(self.dtype))}
     for level in range(1, levels):
       x = fused(level)
       for k in range(levels - level):
-        x = Upsample(self.channels(levels - k - 1), **kw, name=f"skip_{level}_up_{k}")(x)
+        x = Upsample(self.channels(levels - k - 1), **conv_kw, name=f"skip_{level}_up_{k}")(x)
       skips[level] = x
     x = fused(levels)
     for level in range(levels - 1, -1, -1):
       x = _conv(self.channels(level), 2, self.dtype, self.param_dtype, f"up_{level}", transpose=True)(x)
-      x = ConvBlock(self.channels(level), **kw, name=f"decode_{level}")(
+      x = ConvBlock(self.channels(level), **conv_kw, name=f"decode_{level}")(
           jnp.concatenate([x, skips[level]], -1))
     logits = _conv(self.out_depth, 1, self.dtype, self.param_dtype, "logits",
                    bias_init=prior_bias(self.prior))(x)
@@ -194,8 +210,9 @@ class LinearHead(nn.Module):
 class StagingHead(nn.Module):
   """Slab features (B, S, F), slab_valid (B, S) bool → (logits (B, C) float32, slab weights (B, S)).
 
-  `aggregation`: `mean` over the valid slabs, or `attention` (gated attention-MIL with `attention_dim` hidden
-  units; invalid slabs get weight 0). `hidden` > 0 adds a hidden GELU layer before the classifier."""
+  `aggregation`: `mean` over the valid slabs, `sum` (Deep Sets: the pooled vector also tells how many slabs
+  there are, e.g. how many lesions) or `attention` (gated attention-MIL with `attention_dim` hidden units);
+  invalid slabs get weight 0. `hidden` > 0 adds a hidden GELU layer before the classifier."""
   num_classes: int
   aggregation: str = "mean"
   hidden: int = 0
@@ -215,6 +232,8 @@ class StagingHead(nn.Module):
       u = jax.nn.sigmoid(d(self.attention_dim, ("embed", "mlp"), "attn_u")(x))
       scores = d(1, ("mlp", None), "attn_w")(v * u)[..., 0].astype(jnp.float32)
       weights = jax.nn.softmax(jnp.where(valid, scores, -jnp.inf), axis=-1)
+    elif self.aggregation == "sum":
+      weights = valid.astype(jnp.float32)
     else:
       weights = valid / jnp.maximum(jnp.sum(valid, axis=-1, keepdims=True), 1)
     weights = jnp.where(valid, weights, 0.0)
@@ -239,6 +258,7 @@ class LesionSegmenter(nn.Module):
   layers: tuple[int, ...] | None = None
   freeze_backbone: bool = False
   prior: float = 0.5
+  norm: str = "layer"
 
   @nn.compact
   def __call__(self, pet: jax.Array, ct: jax.Array) -> jax.Array:
@@ -246,7 +266,8 @@ class LesionSegmenter(nn.Module):
     kw = dict(dtype=self.backbone.dtype, param_dtype=self.backbone.param_dtype, name="head")
     patch, depth = tuple(self.backbone.patch_size), pet.shape[-1]
     if self.head == "unetr":
-      head = UNETRHead(patch, depth, self.backbone.depth, self.features, self.layers, self.prior, **kw)
+      head = UNETRHead(patch, depth, self.backbone.depth, self.features, self.layers, self.prior, self.norm,
+                       **kw)
     elif self.head == "linear":
       head = LinearHead(patch, depth, self.prior, **kw)
     else:
@@ -255,21 +276,30 @@ class LesionSegmenter(nn.Module):
 
 
 class Stager(nn.Module):
-  """Backbone encoders + staging head over whole studies.
+  """Backbone encoders + staging head over the slabs of a study (`petfm.downstream.data.lesion_stack`).
 
-  `__call__(pet, ct, slab_valid)`: pet, ct (B, S, H, W, D) = S slabs per study, slab_valid (B, S) bool →
-  (logits (B, C), slab weights (B, S))."""
+  `__call__(pet, ct, slab_valid, position)`: pet, ct (B, S, H, W, D) = S slabs per study, slab_valid (B, S)
+  bool, position (B, S, 3) each slab's centre in the study scaled to [-1, 1] → (logits (B, C), slab weights
+  (B, S)). A slab's feature is its pooled tokens plus a learned embedding of Fourier features of its position
+  (`position_frequencies` octaves per axis)."""
   backbone: fratmae.FratMAE
   num_classes: int = 4
   aggregation: str = "mean"
   hidden: int = 0
   freeze_backbone: bool = False
+  position_frequencies: int = 4
 
   @nn.compact
-  def __call__(self, pet: jax.Array, ct: jax.Array, slab_valid: jax.Array) -> tuple[jax.Array, jax.Array]:
+  def __call__(self, pet: jax.Array, ct: jax.Array, slab_valid: jax.Array,
+               position: jax.Array) -> tuple[jax.Array, jax.Array]:
     b, s = pet.shape[:2]
     flat = lambda x: x.reshape(b * s, *x.shape[2:])
     features = slab_features(_encode(self.backbone, flat(pet), flat(ct), self.freeze_backbone))
+    features = features.reshape(b, s, -1)
+    angles = position[..., None] * (jnp.pi * 2.0 ** jnp.arange(self.position_frequencies))   # (B, S, 3, K)
+    fourier = jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], -1).reshape(b, s, -1)
+    features = features + vit.dense(features.shape[-1], (None, "embed"), self.backbone.dtype,
+                                    self.backbone.param_dtype, "position")(fourier.astype(features.dtype))
     head = StagingHead(self.num_classes, self.aggregation, self.hidden, dtype=self.backbone.dtype,
                        param_dtype=self.backbone.param_dtype, name="head")
-    return head(features.reshape(b, s, -1), slab_valid)
+    return head(features, slab_valid)

@@ -1,12 +1,13 @@
 """Downstream fine-tuning: `petfm finetune --config experiments/finetune.py:tiny,task=lesions --workdir DIR`.
 
 Tasks: `lesions` (per-voxel lesion segmentation of slabs, Dice + BCE, evaluated on whole volumes by sliding
-windows) and `staging` (Ann Arbor I–IV per study from all its slabs, cross-entropy). Protocols: `linear`
-(encoders frozen, gradients stop at their outputs), `finetune` (all params, layer-wise lr decay
-`optim.layer_decay`), `scratch` (random init, no decay). `label_patients` (a count) or `label_fraction` (a
-share) keeps a seeded subset of the training patients. `init_from` loads the encoders of a pretraining run
-(its latest checkpoint); the backbone config and the data view/normalisation then come from that run's
-config.json.
+windows) and `staging` (Ann Arbor I–IV per study from a native-resolution slab at each of its lesions and
+where it lies, cross-entropy; trained on the true lesions, evaluated on the true ones or on those a lesion
+fine-tune `staging.lesions_from` predicts). Protocols: `linear` (encoders frozen, gradients stop at their
+outputs), `finetune` (all params, layer-wise lr decay `optim.layer_decay`), `scratch` (random init, no decay).
+`label_patients` (a count) or `label_fraction` (a share) keeps a seeded subset of the training patients.
+`init_from` loads the encoders of a pretraining run (its latest checkpoint); the backbone config and the data
+view/normalisation then come from that run's config.json.
 
 Trainer order as in `pretrain.py`: set-up → mesh → data → model, init and shardings → step → checkpoint
 (resume or init) → loop → evaluation. Rerunning in the same workdir resumes (training batches derive from
@@ -56,6 +57,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   config_lib.check_choice(config, "task", TASKS)
   config_lib.check_choice(config, "protocol", PROTOCOLS)
   config_lib.check_choice(config, "head.kind", heads.SEG_HEADS)
+  config_lib.check_choice(config, "head.norm", heads.NORMS)
   config_lib.check_choice(config, "staging.aggregation", heads.AGGREGATIONS)
   config_lib.check_choice(config, "staging.classes", tuple(ddata.NUM_STAGE_CLASSES))
   config_lib.check(0 < config.label_fraction <= 1, "label_fraction",
@@ -101,7 +103,7 @@ def make_model(config: ml_collections.ConfigDict) -> nn.Module:
   if config.task == "lesions":
     layers = None if config.head.layers is None else tuple(config.head.layers)
     return heads.LesionSegmenter(backbone, config.head.kind, config.head.features, layers, frozen,
-                                 config.head.prior)
+                                 config.head.prior, config.head.get("norm", "layer"))
   return heads.Stager(backbone, ddata.NUM_STAGE_CLASSES[config.staging.classes], config.staging.aggregation,
                       config.staging.hidden, frozen)
 
@@ -158,7 +160,7 @@ class Setup:
 def _inputs(config, batch) -> tuple:
   if config.task == "lesions":
     return batch["pet"], batch["ct"]
-  return batch["pet"], batch["ct"], batch["slab_valid"]
+  return batch["pet"], batch["ct"], batch["slab_valid"], batch["position"]
 
 
 def build(config: ml_collections.ConfigDict, mesh: Mesh, example: dict[str, np.ndarray],
@@ -251,12 +253,9 @@ class Batches:
   def __init__(self, config: ml_collections.ConfigDict, studies: list[ddata.Study]):
     self.config, self.studies = config, studies
     self.pad = ddata.pad_values(config.data)
-    if config.task == "lesions":
-      _, hot = pipelines.normalize(np.float32(0), np.float32(config.hard_negative_suv), config.data)
-      self.centres = [ddata.slab_centres(s, float(hot)) for s in studies]
+    _, hot = pipelines.normalize(np.float32(0), np.float32(config.hard_negative_suv), config.data)
+    self.centres = [ddata.slab_centres(s, float(hot)) for s in studies]
     if config.task == "staging":
-      self.stacks = [ddata.study_stack(s, window(config), config.staging.max_slabs, self.pad)
-                     for s in studies]
       self.stages = np.array([ddata.stage_index(s.stage, config.staging.classes) for s in studies], np.int32)
 
   def __call__(self, step: int) -> dict[str, np.ndarray]:
@@ -265,8 +264,12 @@ class Batches:
     if config.task == "lesions":
       return ddata.sample_slabs(self.studies, self.centres, window(config), config.batch_size, rng, self.pad,
                                 config.foreground_fraction, config.hard_negative_fraction)
-    picks = rng.integers(len(self.stacks), size=config.batch_size)
-    batch = {k: np.stack([self.stacks[i][k] for i in picks]) for k in ("pet", "ct", "slab_valid")}
+    picks = rng.integers(len(self.studies), size=config.batch_size)
+    slabs = config.staging.max_slabs
+    stacks = [ddata.lesion_stack(self.studies[i], ddata.staging_regions(
+        self.centres[i]["lesion"], slabs, rng, self.centres[i]["hot"], config.staging.distractors),
+        window(config), slabs, self.pad, rng) for i in picks]
+    batch = {k: np.stack([stack[k] for stack in stacks]) for k in stacks[0]}
     batch["stage"] = self.stages[picks]
     return batch
 
@@ -345,6 +348,30 @@ def predict_volume(config: ml_collections.ConfigDict, setup: Setup, params: Any,
   return np.ascontiguousarray(pipelines.from_view(prob, config.data.view))
 
 
+def load_lesion_model(config: ml_collections.ConfigDict) -> tuple | None:
+  """(config, setup, params) of the lesion fine-tune `staging.lesions_from` (None when unset), checked to read
+  studies in the staging run's view and normalisation."""
+  if not config.staging.lesions_from:
+    return None
+  loaded = load_finetuned(config.staging.lesions_from)
+  if loaded[0].task != "lesions":
+    raise UserError(f"--config.staging.lesions_from {config.staging.lesions_from}: is a {loaded[0].task} "
+                    "run, not a lesion fine-tune")
+  for key in ("view", "ct_clip", "suv_clip", "suv_scale"):
+    if np.ndim(loaded[0].data[key]) != np.ndim(config.data[key]) or np.any(
+        np.asarray(loaded[0].data[key]) != np.asarray(config.data[key])):
+      raise UserError(f"--config.staging.lesions_from {config.staging.lesions_from}: data.{key} "
+                      f"{loaded[0].data[key]} differs from this run's {config.data[key]}")
+  return loaded
+
+
+def lesion_mask(config: ml_collections.ConfigDict, setup: Setup, params: Any,
+                study: ddata.Study) -> np.ndarray:
+  """A lesion model's binary lesion map of a study, in view axes (H, W, S)."""
+  prob = predict_volume(config, setup, params, study) >= config.eval.threshold
+  return pipelines.to_view(prob, config.data.view)
+
+
 def stage_rows(truth_stages: list[int], predicted: dict[str, list[int]]) -> dict[str, Any]:
   """Classification metrics of stages 1–4 given by rule, per source ({"from_truth": [...], …})."""
   labels = np.asarray(truth_stages) - 1
@@ -359,7 +386,9 @@ def evaluate(config: ml_collections.ConfigDict, setup: Setup, params: Any) -> di
   lesions → per-study Dice, FPV, FNV, HD95, NSD on the stored grid (and means), `baselines` (the classical
   rules of `petfm.eval.baselines` on the same studies) and, when the manifest names the organ labels,
   `staging_by_rule` (Ann Arbor stage by `petfm.eval.staging` from the true and from the predicted lesion map);
-  staging → accuracy, macro-F1, one-vs-rest AUC over studies with a known stage, plus `rule_from_truth`."""
+  staging → accuracy, macro-F1, one-vs-rest AUC over studies with a known stage (slabs at the true lesions,
+  or at those the lesion run `staging.lesions_from` predicts: `lesions` says which), per-study `studies` and
+  `rule_from_truth`."""
   fields = (*ddata.STUDY_FIELDS, "organs")
   found = ddata.read_records(config.data_dir, config.eval.split, fields)
   chosen = list(itertools.islice(found, config.eval.max_studies or None))
@@ -388,16 +417,22 @@ def evaluate(config: ml_collections.ConfigDict, setup: Setup, params: Any) -> di
   if not staged:
     raise UserError(f"{config.data_dir}: no {config.eval.split} study has a known Ann Arbor stage")
   pad = ddata.pad_values(config.data)
+  lesion_model = load_lesion_model(config)
   scores = []
   for record in staged:
-    stack = ddata.study_stack(ddata.view_study(record, config.data), window(config), config.staging.max_slabs,
-                              pad)
+    study = ddata.view_study(record, config.data)
+    mask = study.label if lesion_model is None else lesion_mask(*lesion_model, study)
+    regions = ddata.staging_regions(ddata.components(mask > 0), config.staging.max_slabs)
+    stack = ddata.lesion_stack(study, regions, window(config), config.staging.max_slabs, pad)
     with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
-      scores.append(np.asarray(setup.predict(params, stack["pet"][None], stack["ct"][None],
-                                             stack["slab_valid"][None]))[0])
+      scores.append(np.asarray(setup.predict(params, *(stack[k][None] for k in (
+          "pet", "ct", "slab_valid", "position"))))[0])
   labels = np.array([ddata.stage_index(r["stage"], config.staging.classes) for r in staged])
   results = {"task": "staging", "split": config.eval.split,
-             **metrics_lib.classification_metrics(np.stack(scores), labels)}
+             "lesions": "predicted" if lesion_model is not None else "true",
+             **metrics_lib.classification_metrics(np.stack(scores), labels),
+             "studies": [{"study_id": r["study_id"], "label": int(label), "predicted": int(np.argmax(score))}
+                         for r, label, score in zip(staged, labels, scores)]}
   if stations and config.staging.classes == "ann_arbor":
     results["rule_from_truth"] = stage_rows([r["stage"] for r in staged],
                                             {"from_truth": [by_rule(r["label"], r) for r in staged]})
@@ -420,7 +455,7 @@ def load_finetuned(workdir: str) -> tuple[ml_collections.ConfigDict, Setup, Any]
   else:
     s = config.staging.max_slabs
     example = {"pet": np.zeros((1, s, h, w, d), np.float32), "ct": np.zeros((1, s, h, w, d), np.float32),
-               "slab_valid": np.ones((1, s), bool)}
+               "slab_valid": np.ones((1, s), bool), "position": np.zeros((1, s, 3), np.float32)}
   setup = build(config, mesh, example)
   return config, setup, rundir.restore_params(workdir, setup, "--checkpoint")
 
