@@ -12,7 +12,7 @@ import copy
 import importlib.util
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import ml_collections
@@ -194,3 +194,8 @@ def cluster_config() -> ml_collections.ConfigDict:
       initialization_timeout_s=300, # how long start-up waits for every process to connect
       heartbeat_timeout_s=100,      # a process silent this long counts as dead: the others stop with an error
   ))
+
+
+def rules_tuple(rules: Iterable[Sequence[Any]]) -> tuple[tuple[str, Any], ...]:
+  """Config rules (lists from ml-collections) → the tuple form flax expects."""
+  return tuple((name, tuple(axes) if isinstance(axes, (list, tuple)) else axes) for name, axes in rules)

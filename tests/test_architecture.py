@@ -8,7 +8,6 @@ from unittest import mock
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 from conftest import REPO
 from jax.sharding import PartitionSpec
 from test_pretrain import random_batch
@@ -24,6 +23,8 @@ FORBIDDEN = {
     "petfm": ("data_prep", "experiments", "benchmarks", "tests"),
     "petfm/data": ("petfm.train", "petfm.downstream", "petfm.seganypet"),
     "petfm/models": ("petfm.train", "petfm.downstream", "petfm.seganypet"),
+  "petfm/downstream": ("petfm.train",),
+  "petfm/seganypet": ("petfm.train",),
 }
 
 
@@ -80,11 +81,9 @@ def model_inits() -> dict[str, Callable]:
     inits[method] = functools.partial(model.init, {"params": key, "masking": key}, batch)
   for task, head in (("lesions", "unetr"), ("lesions", "linear"), ("staging", "unetr")):
     config = config_lib.load_config(f"{REPO}/experiments/finetune.py:tiny,task={task},head={head}")
-    shape = (1, *finetune.window(config))
-    images = [jnp.zeros(shape)] * 2 if task == "lesions" else (
-        [jnp.zeros((1, config.staging.max_slabs, *shape[1:]))] * 2 + [jnp.ones((1, config.staging.max_slabs),
-                                                                              bool)])
-    inits[f"{task}/{head}"] = functools.partial(finetune.make_model(config).init, key, *images)
+    module = finetune.TASKS[task]
+    inputs = module.inputs(module.example(config))
+    inits[f"{task}/{head}"] = functools.partial(module.make_model(config).init, key, *inputs)
   for backbone in promptable.BACKBONES:
     config = config_lib.load_config(f"{REPO}/experiments/seganypet.py:tiny,backbone={backbone}")
     with mock.patch.object(promptable, "spec_spacing", lambda *_: (4.0,) * 3):

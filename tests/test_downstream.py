@@ -222,7 +222,7 @@ def test_labelled_subsets_are_seeded_nested_and_never_empty():
 
 def test_layer_wise_lr_decay_multipliers():
   config = config_lib.override(finetune_config("tiny,protocol=finetune"), {"optim.layer_decay": 0.5})
-  model = finetune.make_model(config)
+  model = lesions.make_model(config)
   x = jnp.zeros((1, *config.data.plane_size, config.data.depth))
   params = nn.unbox(model.init(jax.random.key(0), x, x)["params"])
   depth = config.model.depth
@@ -313,11 +313,10 @@ def lesion_run(cohort, tmp_path_factory):
 
 def test_tiny_finetune_improves_dice_over_the_untrained_head(cohort, lesion_run):
   config = finetune.resolve(lesion_run["config"])
-  batches = finetune.Batches(config, finetune.train_studies(config))
   mesh = common.create_mesh(config.mesh, jax.devices()[:1])
-  setup = finetune.build(config, mesh, batches(0))
+  setup = finetune.build(config, mesh)
   with jax.set_mesh(mesh):
-    untrained = finetune.evaluate(config, setup, setup.init(jax.random.key(0), None)["params"])
+    untrained = finetune.evaluate(config, setup.predictor(setup.init(jax.random.key(0), None)["params"], lesions))
   trained = lesion_run["results"]
   assert len(trained["studies"]) >= 1 and {"dice", "fpv_ml", "fnv_ml", "hd95_mm"} <= set(trained)
   assert trained["dice"] > untrained["dice"] + 0.15, (trained["dice"], untrained["dice"])
@@ -370,3 +369,15 @@ def test_staging_runs_end_to_end_on_a_few_studies(cohort, tmp_path):
   assert {"macro_f1", "macro_auc", "n"} <= set(results)
   patients = ddata.split_patients(cohort["records"], "train")
   assert len(finetune.train_studies(finetune.resolve(config))) == len(ddata.labelled_subset(patients, 0.5, 0))
+
+
+def test_staging_reads_the_lesions_a_lesion_run_predicts(cohort, lesion_run, tmp_path):
+  config = finetune_config("tiny,task=staging,protocol=scratch", data_dir=cohort["records"], total_steps=2,
+                           batch_size=8, **{"staging.lesions_from": lesion_run["workdir"]})
+  results = finetune.train(config, str(tmp_path / "staging"))
+  assert results["lesions"] == "predicted" and results["n"] == len(results["studies"]) >= 1
+  # a staging run is no lesion model: refused before any training, naming the flag
+  wrong = config_lib.override(config, {"staging.lesions_from": str(tmp_path / "staging")})
+  with pytest.raises(UserError, match=r"^--config.staging.lesions_from .*staging fine-tune, not a lesions one"):
+    finetune.train(wrong, str(tmp_path / "never"))
+  assert not os.path.exists(tmp_path / "never" / "checkpoints")

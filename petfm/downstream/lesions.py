@@ -1,19 +1,29 @@
-"""Lesion segmentation pieces shared by fine-tuning, evaluation and `petfm predict-lesions`: the Dice + BCE
-loss, whole-volume sliding-window inference in the slab view, and per-study metrics in the original
-geometry."""
+"""The lesion segmentation task: per-voxel lesion probability of slabs (UNETR-style or linear head on the
+encoders), trained with Dice + BCE on slabs drawn around lesions, hot non-lesion regions and anywhere,
+evaluated on whole volumes by sliding windows with the autoPET metrics, next to the classical baselines of
+`petfm.eval.baselines` and the Ann Arbor stage by rule from the predicted lesion map. The task interface is in
+`petfm.downstream.finetuned`; `petfm predict-lesions` uses `predict_volume`.
+"""
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Sequence
+from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 
+from petfm import config as config_lib
+from petfm.data import pipelines, records as records_lib
+from petfm.downstream import data as ddata, finetuned
 from petfm.errors import UserError
-from petfm.eval import metrics as metrics_lib
+from petfm.eval import baselines, metrics as metrics_lib, staging as staging_rule
+from petfm.models import heads
 
 DICE_SMOOTH = 1.0
 
@@ -90,3 +100,105 @@ def study_metrics(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float])
 def summarize(rows: Sequence[dict[str, float]]) -> dict[str, float]:
   """Mean of each per-study metric (NaNs left out), as {"dice": …, "fpv_ml": …, …}."""
   return {name: stats["mean"] for name, stats in metrics_lib.aggregate(rows).items()}
+
+
+# ------------------------------------------------------------------------------------------------ task
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  config_lib.check_choice(config, "head.kind", heads.SEG_HEADS)
+  config_lib.check_choice(config, "head.norm", heads.NORMS)
+  config_lib.check(0 <= config.eval.overlap < 1, "eval.overlap", "must be in [0, 1)")
+
+
+def make_model(config: ml_collections.ConfigDict) -> nn.Module:
+  layers = None if config.head.layers is None else tuple(config.head.layers)
+  return heads.LesionSegmenter(finetuned.backbone(config), config.head.kind, config.head.features, layers,
+                               config.protocol == "linear", config.head.prior, config.head.get("norm", "layer"))
+
+
+def example(config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
+  """pet, ct (1, h, w, D) float32, label, valid (1, h, w, D) uint8 of zeros."""
+  shape = (1, *finetuned.window(config))
+  return {"pet": np.zeros(shape, np.float32), "ct": np.zeros(shape, np.float32),
+          "label": np.zeros(shape, np.uint8), "valid": np.zeros(shape, np.uint8)}
+
+
+def inputs(batch: dict[str, Any]) -> tuple:
+  return batch["pet"], batch["ct"]
+
+
+def loss(logits: jax.Array, batch: dict[str, Any]) -> tuple[jax.Array, dict[str, jax.Array]]:
+  return dice_bce_loss(logits, batch["label"], batch["valid"])
+
+
+probabilities = jax.nn.sigmoid
+
+
+def labelled(studies: list[ddata.Study], data_dir: str) -> list[ddata.Study]:
+  del data_dir
+  return studies
+
+
+def sample(config: ml_collections.ConfigDict, studies: Sequence[ddata.Study],
+           centres: Sequence[dict[str, ddata.Components]], rng: np.random.Generator,
+           pad: tuple[float, float]) -> dict[str, np.ndarray]:
+  """A training batch (`ddata.sample_slabs`): slabs at lesions, at hot non-lesion regions and anywhere."""
+  return ddata.sample_slabs(studies, centres, finetuned.window(config), config.batch_size, rng, pad,
+                            config.foreground_fraction, config.hard_negative_fraction)
+
+
+def predict_volume(config: ml_collections.ConfigDict, predictor: finetuned.Predictor,
+                   study: ddata.Study) -> np.ndarray:
+  """Lesion probability (X, Y, Z) of a whole study on its stored canonical grid (sliding window in the view;
+  batches filled to `eval.batch_size`, so one compiled shape serves every window)."""
+  size = config.eval.batch_size
+
+  def predict(pet, ct):
+    n = len(pet)
+    fill = lambda x: np.concatenate([x, np.repeat(x[-1:], size - n, axis=0)]) if n < size else x
+    return predictor(fill(pet), fill(ct))[:n]
+
+  prob = sliding_window_probabilities(predict, study.pet, study.ct, finetuned.window(config),
+                                      config.eval.overlap, size, ddata.pad_values(config.data))
+  return np.ascontiguousarray(pipelines.from_view(prob, config.data.view))
+
+
+def evaluate(config: ml_collections.ConfigDict, predictor: finetuned.Predictor,
+             records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+  """Per-study Dice, FPV, FNV, HD95, NSD on the stored grid (and their means), `baselines` (the classical rules
+  on the same studies) and, when the manifest names the organ labels, `staging_by_rule` (Ann Arbor stage by
+  `petfm.eval.staging` from the true and from the predicted lesion map). `records`: decoded with
+  `ddata.STUDY_FIELDS` and `organs`."""
+  rows, predicted = [], {}
+  for record in records:
+    study = ddata.view_study(record, config.data)
+    pred = predict_volume(config, predictor, study) >= config.eval.threshold
+    rows.append({"study_id": study.study_id, **study_metrics(pred, record["label"], study.spacing)})
+    predicted[study.study_id] = pred
+  results = {"task": "lesions", "split": config.eval.split, **summarize(rows), "studies": rows,
+             "baselines": baselines.evaluate(records)}
+  organ_labels = records_lib.read_manifest(config.data_dir).get("organ_labels", {})
+  staged = [r for r in records if r["stage"] in (1, 2, 3, 4)]
+  if staging_rule.station_table(organ_labels) and staged:
+    by_rule = lambda mask, r: staging_rule.stage_from_lesions(mask, r["organs"], organ_labels)  # noqa: E731
+    results["staging_by_rule"] = staging_rule.rule_accuracy(
+        [r["stage"] for r in staged], {"from_truth": [by_rule(r["label"], r) for r in staged],
+                                       "from_prediction": [by_rule(predicted[r["study_id"]], r) for r in staged]})
+  return results
+
+
+def summary(results: dict[str, Any]) -> str:
+  """The learned model's figures, then each classical baseline's, then the stage by rule."""
+  def figures(r: dict[str, Any]) -> str:
+    return f"Dice {r['dice']:.3f}, FPV {r['fpv_ml']:.1f} mL, FNV {r['fnv_ml']:.1f} mL"
+
+  lines = [f"lesion segmentation on the {results['split']} split ({len(results['studies'])} studies), "
+           "whole volumes, autoPET metrics:", f"  {'learned model':18s} {figures(results)}"]
+  lines += [f"  {name:18s} {figures(row)}" for name, row in results.get("baselines", {}).items()]
+  rule = results.get("staging_by_rule")
+  if rule:
+    lines.append(f"Ann Arbor stage by rule ({rule['n']} studies): accuracy "
+                 f"{rule['from_prediction']['accuracy']:.3f} from the predicted lesion map, "
+                 f"{rule['from_truth']['accuracy']:.3f} from the true one")
+  return "\n".join(lines)

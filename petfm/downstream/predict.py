@@ -15,9 +15,8 @@ import nibabel as nib
 import numpy as np
 from absl import flags
 
-from petfm import rundir
 from petfm.data import checks, geometry, studies
-from petfm.downstream import data as ddata
+from petfm.downstream import data as ddata, finetuned, lesions
 from petfm.errors import UserError
 
 
@@ -36,17 +35,6 @@ def load_study(study_dir: str, spacing) -> dict:
   return studies.convert_study(jobs[0], config)
 
 
-def check_checkpoint(checkpoint: str) -> dict:
-  """The saved config.json of a `petfm finetune` workdir; `UserError` unless `checkpoint` looks like one."""
-  if not os.path.isdir(checkpoint):
-    raise UserError(f"--checkpoint {checkpoint}: no such folder (expected a `petfm finetune` workdir)")
-  if os.path.isfile(os.path.join(checkpoint, "model.json")):
-    raise UserError(f"--checkpoint {checkpoint}: is a promptable model (`petfm train-seganypet`), not a "
-                    "`petfm finetune` workdir; use it with `petfm segment`")
-  return rundir.read_config(checkpoint, "--checkpoint", "finetune",
-                            ("task", "spacing", "model.patch_size", "data.plane_size"))
-
-
 def check_study(study_dir: str) -> None:
   """Header checks of the study's images (`checks.nifti_header`) before any voxel is read."""
   if not os.path.isdir(study_dir):
@@ -61,19 +49,19 @@ def check_study(study_dir: str) -> None:
 def predict_lesions(checkpoint: str, study_dir: str, out_path: str) -> tuple[int, tuple[int, ...]]:
   """Writes the lesion mask (uint8, 1 = lesion) of `study_dir` to `out_path` in the study's original PET
   geometry; returns (lesion voxels, mask shape)."""
-  from petfm.train import finetune
   checks.output_file(out_path, "--out")
-  saved = check_checkpoint(checkpoint)
-  if saved["task"] != "lesions":
-    raise UserError(f"--checkpoint {checkpoint}: was fine-tuned for {saved['task']}, not lesion segmentation")
-  record = load_study(study_dir, saved["spacing"])  # every input check before the model is built
-  try:
-    config, setup, params = finetune.load_finetuned(checkpoint)
-  except (KeyError, AttributeError, TypeError, ValueError) as e:  # a config.json with missing/odd fields
-    raise UserError(f"--checkpoint {checkpoint}: config.json does not describe a fine-tuned model "
-                    f"({type(e).__name__}: {checks.one_line(e)})") from None
+  if not os.path.isdir(checkpoint):
+    raise UserError(f"--checkpoint {checkpoint}: no such folder (expected a `petfm finetune` workdir)")
+  if os.path.isfile(os.path.join(checkpoint, "model.json")):
+    raise UserError(f"--checkpoint {checkpoint}: is a promptable model (`petfm train-seganypet`), not a "
+                    "`petfm finetune` workdir; use it with `petfm segment`")
+  saved = finetuned.read_config(checkpoint)
+  if saved.task != "lesions":
+    raise UserError(f"--checkpoint {checkpoint}: was fine-tuned for {saved.task}, not lesion segmentation")
+  record = load_study(study_dir, saved.spacing)  # every input check before the model is built
+  config, predictor = finetuned.load(checkpoint, lesions)
   study = ddata.view_study(record, config.data)
-  prob = finetune.predict_volume(config, setup, params, study)
+  prob = lesions.predict_volume(config, predictor, study)
   mask = geometry.to_original((prob >= config.eval.threshold).astype(np.uint8), study.affine,
                               study.original_affine, tuple(int(n) for n in study.original_shape), order=0,
                               cval=0)

@@ -16,12 +16,14 @@ side of the diaphragm (`NODAL_REGIONS`).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
 
 from petfm.errors import UserError
+from petfm.eval import metrics as metrics_lib
 
 NODAL_REGIONS = {"cervical": "above", "supraclavicular": "above", "axillary": "above", "mediastinal": "above",
                  "hilar": "above", "paraaortic": "below", "mesenteric": "below", "iliac": "below",
@@ -84,3 +86,12 @@ def stage_from_lesions(lesions: np.ndarray, organs: np.ndarray, organ_labels: Ma
     raise UserError("staging rule: the organ labels name no lymph-node station nor extranodal organ; convert "
                     "the cohort with its organs.json (`petfm prepare` stores it in manifest.json)")
   return stage_from_sites(involved_sites(lesions, organs, min_voxels), table)
+
+
+def rule_accuracy(true_stages: Sequence[int], by_rule: Mapping[str, Sequence[int]]) -> dict[str, Any]:
+  """Classification metrics (`petfm.eval.metrics.classification_metrics`) of stages 1–4 given by rule, per
+  source of the lesion map: {"n": N, "from_truth": {...}, "from_prediction": {...}} for `by_rule` = {"from_truth":
+  [stage per study], ...}."""
+  labels = np.asarray(true_stages) - 1
+  return {"n": len(labels), **{name: metrics_lib.classification_metrics(np.eye(4)[np.asarray(stages) - 1], labels)
+                               for name, stages in by_rule.items()}}

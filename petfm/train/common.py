@@ -13,7 +13,7 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -26,7 +26,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from petfm import paths
-from petfm.config import check, cluster_config
+from petfm.config import check, cluster_config, rules_tuple
 from petfm.errors import UserError
 from petfm.rundir import Checkpointer, abstract_with_shardings
 
@@ -114,11 +114,6 @@ def create_mesh(mesh_spec: Sequence[Sequence[Any]], devices: Sequence[jax.Device
   check(math.prod(sizes) == n, "mesh",
         f"{dict(zip(names, sizes))} needs {math.prod(sizes)} devices, have {n}")
   return jax.make_mesh(tuple(sizes), names, axis_types=(AxisType.Auto,) * len(names), devices=devices)
-
-
-def rules_tuple(rules: Iterable[Sequence[Any]]) -> tuple[tuple[str, Any], ...]:
-  """Config rules (lists from ml-collections) → the tuple form flax expects."""
-  return tuple((name, tuple(axes) if isinstance(axes, (list, tuple)) else axes) for name, axes in rules)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

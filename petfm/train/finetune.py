@@ -36,16 +36,13 @@ from jax.sharding import Mesh
 
 from petfm import config as config_lib, paths, rundir
 from petfm.data import checks, pipelines, records
-from petfm.downstream import data as ddata
-from petfm.downstream import lesions
+from petfm.downstream import data as ddata, finetuned, lesions, staging
 from petfm.errors import UserError
-from petfm.eval import baselines
-from petfm.eval import metrics as metrics_lib
-from petfm.eval import staging as staging_rule
-from petfm.models import fratmae, heads
+from petfm.models import fratmae
 from petfm.train import common
 
-TASKS = ("lesions", "staging")
+# Each task is a module with the interface of `petfm.downstream.finetuned`; the trainer dispatches once.
+TASKS = {"lesions": lesions, "staging": staging}
 PROTOCOLS = ("linear", "finetune", "scratch")
 
 
@@ -54,12 +51,9 @@ PROTOCOLS = ("linear", "finetune", "scratch")
 
 def validate(config: ml_collections.ConfigDict) -> None:
   config_lib.check_run(config)
-  config_lib.check_choice(config, "task", TASKS)
+  config_lib.check_choice(config, "task", tuple(TASKS))
   config_lib.check_choice(config, "protocol", PROTOCOLS)
-  config_lib.check_choice(config, "head.kind", heads.SEG_HEADS)
-  config_lib.check_choice(config, "head.norm", heads.NORMS)
-  config_lib.check_choice(config, "staging.aggregation", heads.AGGREGATIONS)
-  config_lib.check_choice(config, "staging.classes", tuple(ddata.NUM_STAGE_CLASSES))
+  TASKS[config.task].validate(config)
   config_lib.check(0 < config.label_fraction <= 1, "label_fraction",
                    f"must be in (0, 1], got {config.label_fraction}")
   config_lib.check(isinstance(config.label_patients, int) and config.label_patients >= 0, "label_patients",
@@ -68,7 +62,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
                    f"set either label_patients or label_fraction, not both (label_fraction="
                    f"{config.label_fraction})")
   config_lib.check(0 < config.optim.layer_decay <= 1, "optim.layer_decay", "must be in (0, 1]")
-  config_lib.check(0 <= config.eval.overlap < 1, "eval.overlap", "must be in [0, 1)")
   config_lib.check(config.protocol != "linear" or bool(config.init_from), "init_from",
                    "protocol=linear probes a pretrained encoder; set --config.init_from=PRETRAIN_WORKDIR")
   config_lib.check(config.protocol != "scratch" or not config.init_from, "init_from",
@@ -95,17 +88,6 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 # ------------------------------------------------------------------------------------------------ model
-
-
-def make_model(config: ml_collections.ConfigDict) -> nn.Module:
-  backbone = fratmae.model_from_config(config.model, config.data, dtype=config.dtype)
-  frozen = config.protocol == "linear"
-  if config.task == "lesions":
-    layers = None if config.head.layers is None else tuple(config.head.layers)
-    return heads.LesionSegmenter(backbone, config.head.kind, config.head.features, layers, frozen,
-                                 config.head.prior, config.head.get("norm", "layer"))
-  return heads.Stager(backbone, ddata.NUM_STAGE_CLASSES[config.staging.classes], config.staging.aggregation,
-                      config.staging.hidden, frozen)
 
 
 def layer_id(path: tuple, depth: int) -> int:
@@ -154,24 +136,22 @@ class Setup:
   state_shardings: Any
   init: Callable       # (rng key, pretrained encoder params or None) → train state
   step: Callable       # (state, batch) → (state, metrics)
-  predict: Callable    # (params, *inputs) → lesion probabilities (B, H, W, D) or stage probabilities (B, C)
+
+  def predictor(self, params: Any, task) -> finetuned.Predictor:
+    """The model with `params` (e.g. the trained state's) on this mesh."""
+    return finetuned.Predictor(self.model, params, task.probabilities, self.mesh, self.rules)
 
 
-def _inputs(config, batch) -> tuple:
-  if config.task == "lesions":
-    return batch["pet"], batch["ct"]
-  return batch["pet"], batch["ct"], batch["slab_valid"], batch["position"]
-
-
-def build(config: ml_collections.ConfigDict, mesh: Mesh, example: dict[str, np.ndarray],
+def build(config: ml_collections.ConfigDict, mesh: Mesh,
           pretrained: dict[str, Any] | None = None) -> Setup:
-  """Model, optimizer, shardings and jitted init/step/predict; `example` (a batch) fixes the input shapes."""
-  rules = common.rules_tuple(config.sharding_rules)
-  model = make_model(config)
-  example = {k: v[:1] for k, v in example.items()}
+  """Model, optimizer, shardings and jitted init/step of the task `config.task`."""
+  task = TASKS[config.task]
+  rules = config_lib.rules_tuple(config.sharding_rules)
+  model = task.make_model(config)
+  example = task.example(config)
 
   def init_params(rng):
-    return model.init({"params": rng}, *_inputs(config, example))["params"]
+    return model.init({"params": rng}, *task.inputs(example))["params"]
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     boxed_params = jax.eval_shape(init_params, jax.random.key(0))
@@ -197,13 +177,7 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, example: dict[str, np.n
 
   def loss_fn(params, batch, rng):
     del rng
-    out = model.apply({"params": params}, *_inputs(config, batch))
-    if config.task == "lesions":
-      return lesions.dice_bce_loss(out, batch["label"], batch["valid"])
-    logits = out[0]
-    loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, batch["stage"]))
-    accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["stage"])
-    return loss, {"loss": loss, "accuracy": accuracy}
+    return task.loss(model.apply({"params": params}, *task.inputs(batch)), batch)
 
   def train_step(state, batch):
     grads, metrics = common.accumulate_gradients(loss_fn, state["params"], batch, jax.random.key(0),
@@ -213,19 +187,10 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, example: dict[str, np.n
     metrics.update(grad_norm=optax.tree.norm(grads), lr=schedule(state["step"]))
     return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
-  def predict(params, *inputs):
-    out = model.apply({"params": params}, *inputs)
-    return jax.nn.sigmoid(out) if config.task == "lesions" else jax.nn.softmax(out[0], axis=-1)
-
-  return Setup(model, mesh, rules, schedule, *common.jit_training(init_state, train_step, mesh, rules, None),
-               jax.jit(predict))
+  return Setup(model, mesh, rules, schedule, *common.jit_training(init_state, train_step, mesh, rules, None))
 
 
 # ------------------------------------------------------------------------------------------------ data
-
-
-def window(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
-  return (*config.data.plane_size, config.data.depth)
 
 
 def train_studies(config: ml_collections.ConfigDict) -> list[ddata.Study]:
@@ -238,40 +203,23 @@ def train_studies(config: ml_collections.ConfigDict) -> list[ddata.Study]:
     chosen = ddata.labelled_subset(patients, config.label_fraction, config.seed, config.label_patients)
   except UserError as e:
     raise UserError(f"{config.data_dir}: {e}") from None
-  studies = ddata.read_studies(config.data_dir, "train", config.data, chosen)
-  if config.task == "staging":
-    studies = [s for s in studies if s.stage in (1, 2, 3, 4)]
-    if not studies:
-      raise UserError(f"{config.data_dir}: no training study of the chosen patients has a known Ann Arbor "
-                      "stage")
-  return studies
+  return TASKS[config.task].labelled(ddata.read_studies(config.data_dir, "train", config.data, chosen),
+                                    config.data_dir)
 
 
 class Batches:
-  """Training batches as a function of the step (deterministic, so resuming needs no iterator state)."""
+  """Training batches of the task as a function of the step (deterministic, so resuming needs no iterator
+  state)."""
 
   def __init__(self, config: ml_collections.ConfigDict, studies: list[ddata.Study]):
-    self.config, self.studies = config, studies
+    self.config, self.studies, self.task = config, studies, TASKS[config.task]
     self.pad = ddata.pad_values(config.data)
     _, hot = pipelines.normalize(np.float32(0), np.float32(config.hard_negative_suv), config.data)
     self.centres = [ddata.slab_centres(s, float(hot)) for s in studies]
-    if config.task == "staging":
-      self.stages = np.array([ddata.stage_index(s.stage, config.staging.classes) for s in studies], np.int32)
 
   def __call__(self, step: int) -> dict[str, np.ndarray]:
-    config = self.config
-    rng = np.random.default_rng([config.seed, step])
-    if config.task == "lesions":
-      return ddata.sample_slabs(self.studies, self.centres, window(config), config.batch_size, rng, self.pad,
-                                config.foreground_fraction, config.hard_negative_fraction)
-    picks = rng.integers(len(self.studies), size=config.batch_size)
-    slabs = config.staging.max_slabs
-    stacks = [ddata.lesion_stack(self.studies[i], ddata.staging_regions(
-        self.centres[i]["lesion"], slabs, rng, self.centres[i]["hot"], config.staging.distractors),
-        window(config), slabs, self.pad, rng) for i in picks]
-    batch = {k: np.stack([stack[k] for stack in stacks]) for k in stacks[0]}
-    batch["stage"] = self.stages[picks]
-    return batch
+    rng = np.random.default_rng([self.config.seed, step])
+    return self.task.sample(self.config, self.studies, self.centres, rng, self.pad)
 
 
 # ------------------------------------------------------------------------------------------------ train
@@ -297,11 +245,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
   # ------------------------------------------------------------------ data
   batches = Batches(config, train_studies(config))
-  example = batches(0)
 
   # ------------------------------------------------------------------ model, optimizer, shardings, step
   pretrained = rundir.load_encoders(config.init_from) if config.init_from else None
-  setup = build(config, mesh, example, pretrained)
+  setup = build(config, mesh, pretrained)
 
   # ------------------------------------------------------------------ checkpoint: resume or init
   ckpt = rundir.Checkpointer(paths.join(workdir, rundir.CHECKPOINTS), config.checkpoint.every_steps,
@@ -322,7 +269,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   book.close()
 
   # ------------------------------------------------------------------ evaluation
-  results = evaluate(config, setup, state["params"])
+  results = evaluate(config, setup.predictor(state["params"], TASKS[config.task]))
   if jax.process_index() == 0:
     records.write_atomic(paths.join(workdir, "results.json"), json.dumps(results, indent=1, default=float))
   return results
@@ -331,156 +278,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------ evaluation
 
 
-def predict_volume(config: ml_collections.ConfigDict, setup: Setup, params: Any,
-                   study: ddata.Study) -> np.ndarray:
-  """Lesion probability (X, Y, Z) of a whole study on its stored canonical grid (sliding window in the
-  view)."""
-  size = config.eval.batch_size
-
-  def predict(pet, ct):
-    n = len(pet)
-    fill = lambda x: np.concatenate([x, np.repeat(x[-1:], size - n, axis=0)]) if n < size else x
-    with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
-      return np.asarray(setup.predict(params, fill(pet), fill(ct)))[:n]
-
-  prob = lesions.sliding_window_probabilities(predict, study.pet, study.ct, window(config),
-                                              config.eval.overlap, size, ddata.pad_values(config.data))
-  return np.ascontiguousarray(pipelines.from_view(prob, config.data.view))
-
-
-def load_lesion_model(config: ml_collections.ConfigDict) -> tuple | None:
-  """(config, setup, params) of the lesion fine-tune `staging.lesions_from` (None when unset), checked to read
-  studies in the staging run's view and normalisation."""
-  if not config.staging.lesions_from:
-    return None
-  loaded = load_finetuned(config.staging.lesions_from)
-  if loaded[0].task != "lesions":
-    raise UserError(f"--config.staging.lesions_from {config.staging.lesions_from}: is a {loaded[0].task} "
-                    "run, not a lesion fine-tune")
-  for key in ("view", "ct_clip", "suv_clip", "suv_scale"):
-    if np.ndim(loaded[0].data[key]) != np.ndim(config.data[key]) or np.any(
-        np.asarray(loaded[0].data[key]) != np.asarray(config.data[key])):
-      raise UserError(f"--config.staging.lesions_from {config.staging.lesions_from}: data.{key} "
-                      f"{loaded[0].data[key]} differs from this run's {config.data[key]}")
-  return loaded
-
-
-def lesion_mask(config: ml_collections.ConfigDict, setup: Setup, params: Any,
-                study: ddata.Study) -> np.ndarray:
-  """A lesion model's binary lesion map of a study, in view axes (H, W, S)."""
-  prob = predict_volume(config, setup, params, study) >= config.eval.threshold
-  return pipelines.to_view(prob, config.data.view)
-
-
-def stage_rows(truth_stages: list[int], predicted: dict[str, list[int]]) -> dict[str, Any]:
-  """Classification metrics of stages 1–4 given by rule, per source ({"from_truth": [...], …})."""
-  labels = np.asarray(truth_stages) - 1
-  return {"n": len(labels), **{name: metrics_lib.classification_metrics(np.eye(4)[np.asarray(stages) - 1],
-                                                                          labels)
-                               for name, stages in predicted.items()}}
-
-
-def evaluate(config: ml_collections.ConfigDict, setup: Setup, params: Any) -> dict[str, Any]:
-  """Metrics on `eval.split`.
-
-  lesions → per-study Dice, FPV, FNV, HD95, NSD on the stored grid (and means), `baselines` (the classical
-  rules of `petfm.eval.baselines` on the same studies) and, when the manifest names the organ labels,
-  `staging_by_rule` (Ann Arbor stage by `petfm.eval.staging` from the true and from the predicted lesion map);
-  staging → accuracy, macro-F1, one-vs-rest AUC over studies with a known stage (slabs at the true lesions,
-  or at those the lesion run `staging.lesions_from` predicts: `lesions` says which), per-study `studies` and
-  `rule_from_truth`."""
-  fields = (*ddata.STUDY_FIELDS, "organs")
-  found = ddata.read_records(config.data_dir, config.eval.split, fields)
+def evaluate(config: ml_collections.ConfigDict, predictor: finetuned.Predictor) -> dict[str, Any]:
+  """The task's metrics (its `evaluate`) on the first `eval.max_studies` studies of `eval.split`."""
+  found = ddata.read_records(config.data_dir, config.eval.split, (*ddata.STUDY_FIELDS, "organs"))
   chosen = list(itertools.islice(found, config.eval.max_studies or None))
   if not chosen:
     raise UserError(f"{config.data_dir}: split {config.eval.split!r} has no studies to evaluate on")
-  organ_labels = records.read_manifest(config.data_dir).get("organ_labels", {})
-  stations = staging_rule.station_table(organ_labels)
-  staged = [r for r in chosen if r["stage"] in (1, 2, 3, 4)]
-  by_rule = lambda mask, r: staging_rule.stage_from_sites(staging_rule.involved_sites(mask, r["organs"]),
-                                                         stations)  # noqa: E731
-  if config.task == "lesions":
-    rows, predicted = [], {}
-    for record in chosen:
-      study = ddata.view_study(record, config.data)
-      pred = predict_volume(config, setup, params, study) >= config.eval.threshold
-      rows.append({"study_id": study.study_id, **lesions.study_metrics(pred, record["label"], study.spacing)})
-      predicted[study.study_id] = pred
-    results = {"task": "lesions", "split": config.eval.split, **lesions.summarize(rows), "studies": rows,
-               "baselines": baselines.evaluate(chosen)}
-    if stations and staged:
-      results["staging_by_rule"] = stage_rows(
-          [r["stage"] for r in staged], {"from_truth": [by_rule(r["label"], r) for r in staged],
-                                         "from_prediction": [by_rule(predicted[r["study_id"]], r)
-                                                             for r in staged]})
-    return results
-  if not staged:
-    raise UserError(f"{config.data_dir}: no {config.eval.split} study has a known Ann Arbor stage")
-  pad = ddata.pad_values(config.data)
-  lesion_model = load_lesion_model(config)
-  scores = []
-  for record in staged:
-    study = ddata.view_study(record, config.data)
-    mask = study.label if lesion_model is None else lesion_mask(*lesion_model, study)
-    regions = ddata.staging_regions(ddata.components(mask > 0), config.staging.max_slabs)
-    stack = ddata.lesion_stack(study, regions, window(config), config.staging.max_slabs, pad)
-    with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
-      scores.append(np.asarray(setup.predict(params, *(stack[k][None] for k in (
-          "pet", "ct", "slab_valid", "position"))))[0])
-  labels = np.array([ddata.stage_index(r["stage"], config.staging.classes) for r in staged])
-  results = {"task": "staging", "split": config.eval.split,
-             "lesions": "predicted" if lesion_model is not None else "true",
-             **metrics_lib.classification_metrics(np.stack(scores), labels),
-             "studies": [{"study_id": r["study_id"], "label": int(label), "predicted": int(np.argmax(score))}
-                         for r, label, score in zip(staged, labels, scores)]}
-  if stations and config.staging.classes == "ann_arbor":
-    results["rule_from_truth"] = stage_rows([r["stage"] for r in staged],
-                                            {"from_truth": [by_rule(r["label"], r) for r in staged]})
-  return results
-
-
-def load_finetuned(workdir: str) -> tuple[ml_collections.ConfigDict, Setup, Any]:
-  """(config, setup on a one-device mesh, latest params) of a `petfm finetune` workdir."""
-  saved = rundir.read_config(workdir, "--checkpoint", "finetune")
-  spacing = saved.pop("spacing", None)
-  config = ml_collections.ConfigDict(saved)
-  for node, key in ((config.model, "patch_size"), (config.data, "plane_size")):
-    node[key] = tuple(node[key])
-  config.init_from = ""          # the params come from the fine-tuning checkpoint
-  config.spacing = spacing
-  mesh = rundir.eval_mesh()
-  h, w, d = window(config)
-  if config.task == "lesions":
-    example = {"pet": np.zeros((1, h, w, d), np.float32), "ct": np.zeros((1, h, w, d), np.float32)}
-  else:
-    s = config.staging.max_slabs
-    example = {"pet": np.zeros((1, s, h, w, d), np.float32), "ct": np.zeros((1, s, h, w, d), np.float32),
-               "slab_valid": np.ones((1, s), bool), "position": np.zeros((1, s, 3), np.float32)}
-  setup = build(config, mesh, example)
-  return config, setup, rundir.restore_params(workdir, setup, "--checkpoint")
-
-
-def summary_line(results: dict[str, Any]) -> str:
-  """Human-readable lines of a run's results (lesions: the learned model, then each classical baseline)."""
-  if results["task"] == "lesions":
-    def figures(r: dict[str, Any]) -> str:
-      return f"Dice {r['dice']:.3f}, FPV {r['fpv_ml']:.1f} mL, FNV {r['fnv_ml']:.1f} mL"
-
-    lines = [f"lesion segmentation on the {results['split']} split ({len(results['studies'])} studies), "
-             "whole volumes, autoPET metrics:", f"  {'learned model':18s} {figures(results)}"]
-    lines += [f"  {name:18s} {figures(row)}" for name, row in results.get("baselines", {}).items()]
-    rule = results.get("staging_by_rule")
-    if rule:
-      lines.append(f"Ann Arbor stage by rule ({rule['n']} studies): accuracy "
-                   f"{rule['from_prediction']['accuracy']:.3f} from the predicted lesion map, "
-                   f"{rule['from_truth']['accuracy']:.3f} from the true one")
-    return "\n".join(lines)
-  line = (f"Ann Arbor staging on the {results['split']} split: accuracy {results['accuracy']:.3f}, "
-          f"macro-F1 {results['macro_f1']:.3f}, AUC {results['macro_auc']:.3f}")
-  if "rule_from_truth" in results:
-    truth = results["rule_from_truth"]["from_truth"]["accuracy"]
-    line += f" (stage by rule from the true lesion map: {truth:.3f})"
-  return line
+  return TASKS[config.task].evaluate(config, predictor, chosen)
 
 
 def main(argv: list[str]) -> int:
@@ -488,7 +292,6 @@ def main(argv: list[str]) -> int:
       argv, "finetune", workdir="output folder: checkpoints, metrics, results.json")
   with checks.discarded_on_error(parsed.workdir):
     results = train(parsed.config, parsed.workdir)
-  print(json.dumps({k: v for k, v in results.items() if k not in ("studies", "baselines", "staging_by_rule",
-                                                                 "rule_from_truth")}, default=float))
-  print(summary_line(results))
+  print(json.dumps({k: v for k, v in results.items() if not isinstance(v, (dict, list))}, default=float))
+  print(TASKS[results["task"]].summary(results))
   return 0

@@ -63,7 +63,7 @@ class Setup:
 def build(config: ml_collections.ConfigDict, mesh: Mesh, example: dict[str, np.ndarray]) -> Setup:
   """Model, optimizer, shardings and the jitted init/step for `config` on `mesh`; `example` fixes the
   shapes."""
-  rules = common.rules_tuple(config.sharding_rules)
+  rules = config_lib.rules_tuple(config.sharding_rules)
   model = fratmae.model_from_config(config.model, config.data, dtype=config.dtype)
   tx, schedule = common.make_optimizer(config.optim, config.total_steps)
   example = {k: v[:2] for k, v in example.items()}

@@ -189,7 +189,7 @@ class Setup:
 
 def build(config: ml_collections.ConfigDict, mesh: Mesh, spec: promptable.ModelSpec,
           pretrained: dict[str, Any] | None = None) -> Setup:
-  rules = common.rules_tuple(config.sharding_rules)
+  rules = config_lib.rules_tuple(config.sharding_rules)
   model = promptable.build_model(spec)
   tx, schedule = common.make_optimizer(config.optim, config.total_steps)
 
