@@ -475,7 +475,7 @@ SEGMENTATION = [
     CHECKPOINT = ""     # an official SegAnyPET / SAM-Med3D .pth, a `petfm convert-sam-med3d` directory or a
                         # `petfm train-seganypet` workdir; "" = train the tiny model below
     IMAGE = ""          # PET NIfTI in SUV to segment; "" = a held-out study of the synthetic cohort
-    CT = ""             # CT NIfTI (only for PET/CT models, e.g. backbone=fratmae_twin)
+    CT = ""             # CT NIfTI in HU (PET/CT models: the tiny model, backbone=fratmae_twin)
     CLICKS = None       # [(x, y, z, "+" or "-"), ...] voxel indices of IMAGE, the first one positive;
                         # None = simulated clicks on the synthetic lesion (each on the largest error)
     NUM_CLICKS = 3      # simulated clicks when CLICKS is None
@@ -545,7 +545,7 @@ SEGMENTATION = [
 
     truth = None
     if IMAGE:
-      image = nib.load(IMAGE)
+      image, ct = nib.load(IMAGE), nib.load(CT) if CT else None
     else:   # the held-out study of the synthetic cohort with the largest lesion; that lesion is the target
       with open(os.path.join(records_dir, "manifest.json")) as f:
         studies = json.load(f)["studies"]
@@ -556,7 +556,7 @@ SEGMENTATION = [
       components, _ = ndimage.label(lesions)
       truth = components == np.argmax(np.bincount(components.ravel())[1:]) + 1
       print(f"study {study}: target lesion of {int(truth.sum())} voxels")
-    ct = nib.load(CT) if CT else None
+      ct = nib.load(os.path.join(nifti_dir, study, "CTres.nii.gz"))
     suv = image.get_fdata(dtype=np.float32)
     print("image", suv.shape, "voxel size (mm)", tuple(round(float(v), 2) for v in image.header.get_zooms()))
     '''),

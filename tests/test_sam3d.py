@@ -104,6 +104,42 @@ def test_vit_b_ori_table_and_shapes():
   assert logits.shape == (2, 32, 32, 32) and iou.shape == (2,)
 
 
+def test_fine_path_and_ct_are_off_for_vit_b_ori_and_the_fine_features_pack_losslessly():
+  official = sam3d.get_config("vit_b_ori")
+  assert (official.in_chans, official.fine_width, official.mask_size) == (1, 0, 32)
+  assert set(sam3d.abstract_variables(official)["params"]) == {"image_encoder", "prompt_encoder", "mask_decoder"}
+  config = sam3d.get_config("tiny", img_size=16, patch_size=8, window_size=0, in_chans=2, fine_width=4)
+  assert config.mask_size == 16 and sam3d.crop_shape(config) == (16, 16, 16, 2)
+  rng = np.random.default_rng(0)
+  c = config.prompt_dim
+  embedding, fine = (rng.standard_normal(s).astype(np.float32) for s in ((2, 2, 2, 2, c), (2, 16, 16, 16, 4)))
+  packed = sam3d.pack_fine(embedding, fine, config)
+  assert packed.shape == (2, 2, 2, 2, c + 8 ** 3 * 4)
+  np.testing.assert_array_equal(packed[..., :c], embedding)
+  np.testing.assert_array_equal(packed[0, 1, 0, 1, c:].reshape(8, 8, 8, 4), fine[0, 8:, :8, 8:])   # cell → voxels
+  np.testing.assert_array_equal(sam3d.unpack_fine(packed, config), fine)
+  with pytest.raises(UserError, match="fine_width"):
+    sam3d.get_config("tiny", img_size=24, patch_size=6, fine_width=4)
+
+
+def test_click_maps_by_hand():
+  features = np.zeros((1, 8, 8, 8, 2), np.float32)
+  features[0, :4] = 1.0                              # x < 4 looks like the positive click, x ≥ 4 like the negative
+  points = np.array([[[1, 1, 1], [6, 6, 6], [0, 0, 0]]])
+  maps = np.asarray(sam3d._click_maps(jnp.asarray(features), jnp.asarray(points),
+                                      jnp.array([[sam3d.POSITIVE, sam3d.NEGATIVE, sam3d.ABSENT]])))
+  assert maps.shape == (1, 8, 8, 8, 2 + 2 * len(sam3d.CLICK_SIGMAS))   # (positive, negative) × (look, near σ)
+  np.testing.assert_allclose(maps[0, :4, ..., 0], 1, atol=1e-6)
+  np.testing.assert_allclose(maps[0, 4:, ..., 0], np.exp(-1), atol=1e-6)   # mean squared feature difference 1
+  np.testing.assert_allclose(maps[0, 4:, ..., 3], 1, atol=1e-6)
+  sigma = sam3d.CLICK_SIGMAS[0]
+  assert maps[0, 1, 1, 1, 1] == pytest.approx(1) and maps[0, 6, 6, 6, 4] == pytest.approx(1)
+  assert maps[0, 1, 1, 3, 1] == pytest.approx(np.exp(-4 / (2 * sigma ** 2)), rel=1e-5)
+  assert maps[0, 0, 0, 0, 4] == pytest.approx(np.exp(-108 / (2 * sigma ** 2)), abs=1e-6)   # the ABSENT slot: unseen
+  only_positive = sam3d._click_maps(jnp.asarray(features), jnp.asarray(points[:, :1]), jnp.array([[1]]))
+  assert not np.asarray(only_positive)[..., 3:].any()                    # no negative click: zero maps
+
+
 def test_bad_state_dicts_are_listed(golden):
   state = official_weights.read_state_dict(PTH)
   state.pop("image_encoder.blocks.0.attn.rel_pos_h")

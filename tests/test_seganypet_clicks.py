@@ -117,6 +117,7 @@ def test_training_reduces_loss_and_resume_equals_uninterrupted(cohort, trained, 
   assert len(losses) == STEPS and np.mean(losses[-5:]) < np.mean(losses[:5])
   spec = json.loads(open(os.path.join(trained, "model.json")).read())
   assert spec["backbone"] == "sam3d" and spec["spacing"] == list(fixtures_records.SPACING)
+  assert spec["channels"] == ["pet", "ct"] and spec["sam"]["in_chans"] == 2 and spec["sam"]["fine_width"] > 0
   # interrupted after STEPS / 2: the copy keeps only that checkpoint and resumes to STEPS
   resumed = tmp_path / "resumed"
   shutil.copytree(trained, resumed)
@@ -207,12 +208,15 @@ def test_suv_threshold_baseline_on_a_hand_made_case():
 
 
 def _blob_image(path):
+  """A PET blob in SUV at `path` and its CT (HU) next to it, `ct.nii.gz`."""
   import nibabel as nib
   shape = (24, 20, 30)
   g = np.indices(shape)
   blob = (g[0] - 12) ** 2 + (g[1] - 10) ** 2 + ((g[2] - 15) * 1.5) ** 2 <= 25
   affine = np.array([[-2.0, 0, 0, 30], [0, -2.0, 0, 20], [0, 0, 3.0, -40], [0, 0, 0, 1]])   # LPS
   nib.save(nib.Nifti1Image((0.8 + 9 * blob).astype(np.float32), affine), path)
+  nib.save(nib.Nifti1Image((-80 + 120 * blob).astype(np.float32), affine),
+           os.path.join(os.path.dirname(path), "ct.nii.gz"))
   return affine, blob
 
 
@@ -223,8 +227,9 @@ def test_segment_cli_round_trip_and_interactive(trained, tmp_path, capsys):
   affine, blob = _blob_image(str(tmp_path / "suv.nii.gz"))
   out = str(tmp_path / "mask.nii.gz")
   stdin = io.StringIO("12,11,15:+\nnot a point\n7,6,15:-\n\n")
-  assert interactive.main(["--image", str(tmp_path / "suv.nii.gz"), "--point", "12,10,15", "--out", out,
-                           "--checkpoint", trained, "--interactive"], stdin) == 0
+  assert interactive.main(["--image", str(tmp_path / "suv.nii.gz"), "--ct", str(tmp_path / "ct.nii.gz"),
+                           "--point", "12,10,15", "--out", out, "--checkpoint", trained, "--interactive"],
+                          stdin) == 0
   printed = capsys.readouterr().out
   assert "click 2 (+ (12, 11, 15))" in printed and "click 3 (- (7, 6, 15))" in printed and " ms" in printed
   assert "error: point 'not a point'" in printed
@@ -238,7 +243,8 @@ def test_segment_cli_round_trip_and_interactive(trained, tmp_path, capsys):
 
 def test_click_model_compiles_once_per_capacity(click_model):
   """Clicks 1…8 compile the prompt+decode step only for new point capacities (1, 2, 4, 8)."""
-  embedding = click_model.embed(np.random.default_rng(0).standard_normal((16, 16, 16, 1)).astype(np.float32))
+  shape = (16, 16, 16, len(click_model.spec.channels))
+  embedding = click_model.embed(np.random.default_rng(0).standard_normal(shape).astype(np.float32))
   sizes, low = [promptable._predict._cache_size()], None
   for n in range(1, 9):
     low, _ = click_model.predict(embedding, [[8, 8, 8]] + [[2 * i, 3, 5] for i in range(1, n)],
@@ -254,6 +260,7 @@ def test_click_model_compiles_once_per_capacity(click_model):
     (["--point", "12,10"], "expected x,y,z"),
     (["--point", "30,10,15"], "outside the image"),
     (["--point", "12,10,15:-"], "at least one positive"),
+    (["--point", "12,10,15"], "--ct: this model reads PET and CT"),
 ])
 def test_segment_cli_bad_input_one_line_exit_2(trained, tmp_path, capsys, args, message):
   from petfm import cli

@@ -9,6 +9,17 @@ method=...)`):
 with S = img_size, g = S / patch_size (8 for vit_b_ori) and C = prompt_dim (384). Arrays are channel-last;
 spatial axes are the crop's array axes 0, 1, 2, and point coordinates are voxel indices along them.
 
+Two options beyond the official model, off by default (so `vit_b_ori` is exactly the official one), on in the
+tiny config of `experiments/seganypet.py`:
+* `in_chans` 2: the crop is (B, S, S, S, 2), PET and CT (CT shows the organ boundaries PET cannot).
+* `fine_width` F > 0: a crop-resolution path. `embed` also computes per-voxel image features (`FineEncoder`,
+  (B, S, S, S, F)) and packs them after the C channels of the embedding (`pack_fine`); after `decode`, the
+  fourth method `refine` reads them with the clicks (maps of "looks like a positive/negative click" and "near
+  one", `_click_maps`), the previous logits and the decoder's logits, and returns logits at the crop's
+  resolution (B, S, S, S) (`FineHead`). The logits and the mask prompt are then S³ (`mask_size`), pooled
+  to 4g for the prompt encoder. Cheap coarse patches (8³) then suffice, and the first click already has a
+  direct path from "what the clicked voxel looks like" to the mask.
+
 Behaviour of the official PyTorch code (uni-medical/SAM-Med3D @ f3de1fa) that is reproduced on purpose:
 * Windowed blocks zero-pad the g³ token grid (after norm1) to window³ and attend over all window³ tokens
   with no padding mask; padded tokens have q, k, v = the qkv bias.
@@ -75,6 +86,8 @@ class Sam3DConfig:
   num_mask_tokens: int = 4
   iou_hidden: int = 256
   iou_depth: int = 3
+  in_chans: int = 1             # image channels: 1 = PET (the official model), 2 = PET and CT
+  fine_width: int = 0           # width of the crop-resolution path (`FineHead`); 0 = none (the official model)
   dtype: str = "float32"
 
   @property
@@ -83,8 +96,8 @@ class Sam3DConfig:
 
   @property
   def mask_size(self) -> int:
-    """Side of the low-res logits / mask prompt (4 × grid)."""
-    return 4 * self.grid
+    """Side of the logits / mask prompt: 4 × grid, or the crop side with the fine path."""
+    return self.img_size if self.fine_width else 4 * self.grid
 
 
 CONFIGS = {
@@ -122,6 +135,11 @@ def check_config(c: Sam3DConfig) -> None:
                     "decoder_heads·attention_downsample")
   if c.mask_in_chans % 4:
     problems.append(f"mask_in_chans {c.mask_in_chans} is not divisible by 4")
+  if c.in_chans < 1:
+    problems.append(f"in_chans {c.in_chans} must be ≥ 1")
+  if c.fine_width < 0 or (c.fine_width and c.patch_size % 4):
+    problems.append(f"fine_width {c.fine_width} must be ≥ 0, and > 0 needs a patch_size divisible by 4 "
+                    f"(got {c.patch_size})")
   if problems:
     raise UserError("model: " + "; ".join(problems))
 
@@ -252,18 +270,28 @@ class EncoderBlock(nn.Module):
     return x + y.astype(x.dtype)
 
 
+def crop_shape(c: Sam3DConfig) -> tuple[int, ...]:
+  """Shape of one crop `embed` reads: (S, S, S), or (S, S, S, in_chans) for several channels."""
+  return (c.img_size,) * 3 + ((c.in_chans,) if c.in_chans > 1 else ())
+
+
+def channel_last(x: jax.Array, c: Sam3DConfig) -> jax.Array:
+  """(B, *crop_shape) crops, checked → (B, S, S, S, in_chans)."""
+  if x.shape[1:] != crop_shape(c):
+    raise UserError(f"crop: shape {x.shape[1:]}, expected {crop_shape(c)}")
+  return x if c.in_chans > 1 else x[..., None]
+
+
 class ImageEncoder3D(nn.Module):
-  """(B, S, S, S) crop → (B, g, g, g, prompt_dim) image embedding (float32)."""
+  """(B, *crop_shape) crop → (B, g, g, g, prompt_dim) image embedding (float32)."""
   config: Sam3DConfig
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     c, dtype = self.config, DTYPES[self.config.dtype]
     g = c.grid
-    if x.shape[1:] != (c.img_size,) * 3:
-      raise UserError(f"crop: shape {x.shape[1:]}, expected {(c.img_size,) * 3}")
     patch_embed = vit.PatchEmbed(c.width, (c.patch_size,) * 3, dtype, name="patch_embed")
-    tokens = patch_embed(x[..., None].astype(dtype))
+    tokens = patch_embed(channel_last(x, c).astype(dtype))
     pos = _param(self, "pos_embed", nn.initializers.zeros, (None,) * 4 + ("embed",), (1, g, g, g, c.width))
     x = tokens.reshape(-1, g, g, g, c.width).astype(jnp.float32) + pos
     for i in range(c.depth):
@@ -326,8 +354,12 @@ class PromptEncoder3D(nn.Module):
     return pe + jnp.where(lab == POSITIVE, self.point_embeddings_1, 0.0)
 
   def embed_mask(self, mask_logits: jax.Array) -> jax.Array:
-    """(B, 4g, 4g, 4g) logits → (B, g, g, g, C)."""
-    dtype = DTYPES[self.config.dtype]
+    """(B, m, m, m) logits (m = `mask_size`) → (B, g, g, g, C); crop-resolution logits (fine path) are
+    average-pooled to 4g first."""
+    dtype, m = DTYPES[self.config.dtype], 4 * self.config.grid
+    if mask_logits.shape[1] != m:
+      f = mask_logits.shape[1] // m
+      mask_logits = mask_logits.reshape(-1, m, f, m, f, m, f).mean((2, 4, 6))
     x = self.mask_downscaling_0(mask_logits[..., None].astype(dtype))
     x = _gelu(self.mask_downscaling_1(x)).astype(dtype)
     x = _gelu(self.mask_downscaling_4(self.mask_downscaling_3(x))).astype(dtype)
@@ -532,6 +564,83 @@ class _ConvTranspose2(nn.Module):
     return y.reshape(*x.shape[:-1], 2, 2, 2, self.features) + bias
 
 
+# -------------------------------------------------------------------------------- crop-resolution path
+
+CLICK_SIGMAS = (2.0, 6.0)      # widths (voxels) of the Gaussian click maps of the fine path
+
+
+class FineEncoder(nn.Module):
+  """(B, *crop_shape) crop → (B, S, S, S, fine_width) per-voxel image features: a 3³ conv (12 mm at 4 mm
+  voxels, averages the CT noise), GELU, a per-voxel dense layer. Computed once per crop, in `embed`."""
+  config: Sam3DConfig
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    c, dtype = self.config, DTYPES[self.config.dtype]
+    x = _gelu(_conv(c.fine_width, 3, "conv", dtype, padding=1)(channel_last(x, c).astype(dtype)))
+    return vit.dense(c.fine_width, ("conv_in", "conv_out"), dtype, jnp.float32, "proj")(x).astype(jnp.float32)
+
+
+def _click_maps(features: jax.Array, points: jax.Array, labels: jax.Array) -> jax.Array:
+  """features (B, S, S, S, F), points (B, N, 3), labels (B, N) → (B, S, S, S, 2 + 2·len(CLICK_SIGMAS)):
+  per voxel x and click kind (positive, negative), the largest over the clicks p of that kind of
+  exp(−mean_F (f(x) − f(p))²) (looks like a click) and of exp(−|x − p|² / 2σ²) (near a click), 0 without
+  such clicks."""
+  b, s, f = features.shape[0], features.shape[1], features.shape[-1]
+  index = jnp.clip(points.astype(jnp.int32), 0, s - 1)                                    # (B, N, 3)
+  flat = features.reshape(b, s ** 3, f)
+  at_click = jnp.take_along_axis(flat, ((index[..., 0] * s + index[..., 1]) * s + index[..., 2])[..., None],
+                                 axis=1)                                                  # (B, N, F)
+  look = ((flat ** 2).sum(-1)[..., None] - 2 * jnp.einsum("bvf,bnf->bvn", flat, at_click)
+          + (at_click ** 2).sum(-1)[:, None]) / f                                         # (B, V, N)
+  grid = jnp.asarray(np.stack(np.meshgrid(*(np.arange(s, dtype=np.float32),) * 3, indexing="ij"),
+                              -1).reshape(-1, 3))                                         # (V, 3)
+  p = index.astype(jnp.float32)
+  dist2 = ((grid ** 2).sum(-1)[None, :, None] - 2 * jnp.einsum("vd,bnd->bvn", grid, p)
+           + (p ** 2).sum(-1)[:, None])                                                   # (B, V, N)
+  maps = [jnp.exp(-jnp.maximum(look, 0))] + [jnp.exp(-jnp.maximum(dist2, 0) / (2 * sg ** 2))
+                                             for sg in CLICK_SIGMAS]
+  out = [jnp.max(m, axis=-1, initial=0.0, where=(labels == kind)[:, None]) for kind in (POSITIVE, NEGATIVE)
+         for m in maps]
+  return jnp.stack(out, -1).reshape(b, s, s, s, len(out))
+
+
+class FineHead(nn.Module):
+  """The crop-resolution path of one click round: per voxel, a 3-layer MLP of the image features
+  (`FineEncoder`), the click maps (`_click_maps`), the previous round's logits and the decoder's logits
+  (trilinear to the crop) gives a correction added to the decoder's logits.
+  features (B, S, S, S, F), coarse logits (B, 4g, 4g, 4g), points (B, N, 3), labels (B, N), previous logits
+  (B, S, S, S) → logits (B, S, S, S)."""
+  config: Sam3DConfig
+
+  @nn.compact
+  def __call__(self, features, coarse, points, labels, previous):
+    c, dtype = self.config, DTYPES[self.config.dtype]
+    coarse = upsample_logits(coarse, c.img_size)
+    x = jnp.concatenate([features, _click_maps(features, points, labels), jnp.tanh(previous / 2)[..., None],
+                         jnp.tanh(coarse / 2)[..., None]], -1)
+    for i in range(2):
+      x = _gelu(vit.dense(c.fine_width, ("conv_in", "conv_out"), dtype, jnp.float32, f"layers_{i}")(
+          x.astype(dtype)))
+    out = vit.dense(1, ("conv_in", "conv_out"), dtype, jnp.float32, "layers_2")(x.astype(dtype))
+    return coarse + out[..., 0].astype(jnp.float32)
+
+
+def pack_fine(embedding: jax.Array, fine: jax.Array, c: Sam3DConfig) -> jax.Array:
+  """(B, g, g, g, C), (B, S, S, S, F) → (B, g, g, g, C + p³·F): the crop-resolution features ride along in
+  the embedding, each grid cell carrying its p³ voxels (p = patch_size) in blocked order."""
+  b, g, p = fine.shape[0], c.grid, c.patch_size
+  blocked = fine.reshape(b, g, p, g, p, g, p, -1).transpose(0, 1, 3, 5, 2, 4, 6, 7).reshape(b, g, g, g, -1)
+  return jnp.concatenate([embedding, blocked], -1)
+
+
+def unpack_fine(embedding: jax.Array, c: Sam3DConfig) -> jax.Array:
+  """The inverse of `pack_fine`: (B, g, g, g, C + p³·F) → (B, S, S, S, F)."""
+  b, g, p = embedding.shape[0], c.grid, c.patch_size
+  blocked = embedding[..., c.prompt_dim:].reshape(b, g, g, g, p, p, p, -1)
+  return blocked.transpose(0, 1, 4, 2, 5, 3, 6, 7).reshape(b, g * p, g * p, g * p, -1)
+
+
 # ------------------------------------------------------------------------------------------------ the model
 
 
@@ -543,15 +652,22 @@ class Sam3D(nn.Module):
     self.image_encoder = ImageEncoder3D(self.config)
     self.prompt_encoder = PromptEncoder3D(self.config)
     self.mask_decoder = MaskDecoder3D(self.config)
+    if self.config.fine_width:
+      self.fine_encoder = FineEncoder(self.config)
+      self.fine_head = FineHead(self.config)
 
   def embed(self, crops: jax.Array) -> jax.Array:
-    """(B, S, S, S) normalised crops → (B, g, g, g, C) image embeddings (float32)."""
-    return self.image_encoder(crops)
+    """(B, *crop_shape) normalised crops → (B, g, g, g, C) image embeddings (float32); with the fine path
+    (B, g, g, g, C + p³·fine_width), its per-voxel features packed after the C channels (`pack_fine`)."""
+    embedding = self.image_encoder(crops)
+    if not self.config.fine_width:
+      return embedding
+    return pack_fine(embedding, self.fine_encoder(crops), self.config)
 
   def encode_prompts(self, points: jax.Array | None, labels: jax.Array | None, mask_logits: jax.Array
                      ) -> tuple[jax.Array, jax.Array]:
     """points (B, N, 3) voxel indices (axes 0, 1, 2 of the crop) or None, labels (B, N) of POSITIVE/NEGATIVE/
-    PADDING/ABSENT, mask_logits (B, 4g, 4g, 4g) (zeros on the first click, as the official loops) →
+    PADDING/ABSENT, mask_logits (B, m, m, m), m = `mask_size` (zeros on the first click, as the official loops) →
     sparse (B, N+1, C) (B, 0, C without points), dense (B, g, g, g, C)."""
     return self.prompt_encoder(points, labels, mask_logits)
 
@@ -564,12 +680,22 @@ class Sam3D(nn.Module):
              ) -> tuple[jax.Array, jax.Array]:
     """→ low-res logits (B, 4g, 4g, 4g) float32, IoU prediction (B,). `image_pe`: `dense_pe()` if given;
     `token_mask` (B, N+1): `token_mask(labels)` when some labels are ABSENT (None: every token visible)."""
-    return self.mask_decoder(embedding, self.dense_pe() if image_pe is None else image_pe, sparse, dense,
-                             token_mask)
+    return self.mask_decoder(embedding[..., :self.config.prompt_dim],
+                             self.dense_pe() if image_pe is None else image_pe, sparse, dense, token_mask)
+
+  def refine(self, embedding: jax.Array, logits: jax.Array, points: jax.Array, labels: jax.Array,
+             mask_logits: jax.Array) -> jax.Array:
+    """The fine path (config.fine_width > 0): embedding (with packed features), `decode`'s logits
+    (B, 4g, 4g, 4g), points (B, N, 3) / labels (B, N) as given to `encode_prompts` and the mask prompt
+    (B, S, S, S) → crop-resolution logits (B, S, S, S)."""
+    return self.fine_head(unpack_fine(embedding, self.config), logits, points, labels, mask_logits)
 
   def __call__(self, crops, points, labels, mask_logits):
     embedding = self.embed(crops)
-    return self.decode(embedding, *self.encode_prompts(points, labels, mask_logits))
+    logits, iou = self.decode(embedding, *self.encode_prompts(points, labels, mask_logits))
+    if self.config.fine_width:
+      logits = self.refine(embedding, logits, points, labels, mask_logits)
+    return logits, iou
 
 
 def token_mask(labels: jax.Array) -> jax.Array:
@@ -585,8 +711,8 @@ def upsample_logits(logits: jax.Array, size: int) -> jax.Array:
 
 def init_variables(config: Sam3DConfig, rng: jax.Array, batch: int = 1) -> dict[str, Any]:
   """Random `{'params', 'buffers'}` of the model (boxed, as `init` returns them)."""
-  s, m = config.img_size, config.mask_size
-  return Sam3D(config).init(rng, jnp.zeros((batch, s, s, s)), jnp.zeros((batch, 1, 3)),
+  m = config.mask_size
+  return Sam3D(config).init(rng, jnp.zeros((batch, *crop_shape(config))), jnp.zeros((batch, 1, 3)),
                             jnp.ones((batch, 1), jnp.int32), jnp.zeros((batch, m, m, m)))
 
 

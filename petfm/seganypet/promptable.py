@@ -81,6 +81,9 @@ def build_model(spec: ModelSpec) -> sam3d.Sam3D:
   if spec.backbone == "sam3d":
     return sam3d.Sam3D(spec.sam)
   if spec.backbone == "fratmae_twin":
+    if spec.sam.in_chans != 1 or spec.sam.fine_width:
+      raise UserError("backbone fratmae_twin: model.in_chans must be 1 and model.fine_width 0 (its twin "
+                      "encoders read PET and CT; the fine path is Sam3D's)")
     return sam3d_twin.TwinSam3D(spec.sam, encoder=spec.encoder)
   raise UserError(f"backbone: {spec.backbone!r} is not one of {list(BACKBONES)}")
 
@@ -93,8 +96,9 @@ def init_variables(spec: ModelSpec, rng: jax.Array) -> dict[str, Any]:
 
 
 def model_input(image: jax.Array, spec: ModelSpec) -> jax.Array:
-  """(B, S, S, S, C) pipeline-normalised crops → what `embed` reads: (B, S, S, S) PET for `sam3d`,
-  (B, S, S, S, 2) for the twin; PET z-normalised over SUV > 0 when `pet_norm="znorm"` (see module doc)."""
+  """(B, S, S, S, C) pipeline-normalised crops → what `embed` reads: (B, S, S, S) PET for a one-channel
+  `sam3d`, (B, S, S, S, 2) PET and CT for the twin and a two-channel `sam3d` (`in_chans` 2); PET
+  z-normalised over SUV > 0 when `pet_norm="znorm"` (see module doc)."""
   pet = image[..., 0]
   if spec.pet_norm == "znorm":
     inside = pet > -1.0 + 1e-6                       # SUV > 0 (normalize maps SUV 0 and padding to -1)
@@ -103,14 +107,14 @@ def model_input(image: jax.Array, spec: ModelSpec) -> jax.Array:
     mean = jnp.where(inside, pet, 0).sum(axes, keepdims=True) / n
     var = jnp.where(inside, (pet - mean) ** 2, 0).sum(axes, keepdims=True) / (n - 1)
     pet = (pet - mean) / jnp.sqrt(jnp.maximum(var, 1e-12))
-  if spec.backbone == "sam3d":
+  if spec.backbone == "sam3d" and spec.sam.in_chans == 1:
     return pet
   return jnp.concatenate([pet[..., None], image[..., 1:2]], axis=-1)
 
 
 def encode(model: sam3d.Sam3D, variables: Any, crops: jax.Array) -> jax.Array:
-  """Model input (`model_input`: (B, S, S, S) for Sam3D, (B, S, S, S, 2) for the twin) → (B, g, g, g, C)
-  image embeddings."""
+  """Model input (`model_input`: (B, S, S, S) or (B, S, S, S, 2)) → (B, g, g, g, C) image embeddings (more
+  channels with Sam3D's fine path, `Sam3D.embed`)."""
   return model.apply(variables, crops, method="embed")
 
 
@@ -122,20 +126,27 @@ def embed(model: sam3d.Sam3D, variables: Any, image: jax.Array, spec: ModelSpec)
 def prompt_and_decode(model: sam3d.Sam3D, variables: Any, embeddings: jax.Array, points: jax.Array | None,
                       labels: jax.Array | None, mask_logits: jax.Array, image_pe: jax.Array | None = None
                       ) -> tuple[jax.Array, jax.Array]:
-  """embeddings (B, g, g, g, C), points (B, N, 3) / labels (B, N) or None, mask_logits (B, 4g, 4g, 4g),
-  optional precomputed `Sam3D.dense_pe` (g, g, g, C) → (low-res logits (B, 4g, 4g, 4g), IoU prediction
-  (B,)). Points labelled ABSENT (capacity padding, see `pad_points`) change nothing. Also the click loop of
-  training (`petfm.train.seganypet`)."""
+  """embeddings (B, g, g, g, C), points (B, N, 3) / labels (B, N) or None, mask_logits (B, m, m, m),
+  optional precomputed `Sam3D.dense_pe` (g, g, g, C) → (logits (B, m, m, m), IoU prediction (B,)), m =
+  `mask_size` (4g, or the crop side S with the fine path, whose `Sam3D.refine` then turns the decoder's 4g³
+  logits into S³ ones). Points labelled ABSENT (capacity padding, see `pad_points`) change nothing. Also the
+  click loop of training (`petfm.train.seganypet`)."""
   sparse, dense = model.apply(variables, points, labels, mask_logits, method=sam3d.Sam3D.encode_prompts)
   mask = None if labels is None else sam3d.token_mask(labels)
-  return model.apply(variables, embeddings, sparse, dense, image_pe, mask, method=sam3d.Sam3D.decode)
+  logits, iou = model.apply(variables, embeddings, sparse, dense, image_pe, mask, method=sam3d.Sam3D.decode)
+  if model.config.fine_width:
+    if points is None:
+      points, labels = jnp.zeros((logits.shape[0], 0, 3)), jnp.zeros((logits.shape[0], 0), jnp.int32)
+    logits = model.apply(variables, embeddings, logits, points, labels, mask_logits, method=sam3d.Sam3D.refine)
+  return logits, iou
 
 
 def decode_inputs(model: sam3d.Sam3D, variables: Any) -> tuple[Any, jax.Array]:
   """What every click's `prompt_and_decode` reads besides the prompts, made once per model: the variables
   without the image encoder(s) (at vit_b_ori size 135 leaves instead of 324: ≈ 0.8 ms less dispatch per
   click) and the dense PE of the embedding grid (`Sam3D.dense_pe`). Works for Sam3D and TwinSam3D."""
-  params = {k: v for k, v in variables["params"].items() if k in ("prompt_encoder", "mask_decoder")}
+  kept = ("prompt_encoder", "mask_decoder", "fine_head")
+  params = {k: v for k, v in variables["params"].items() if k in kept}
   prompt_variables = {**variables, "params": params}
   return prompt_variables, model.apply(prompt_variables, method=sam3d.Sam3D.dense_pe)
 
@@ -224,9 +235,10 @@ class Segmenter:
     → (g, g, g, C) or (B, g, g, g, C)."""
     crops = jnp.asarray(crops, jnp.float32)
     s = self.size
-    if self.spec.backbone != "sam3d" or crops.shape[-3:] != (s, s, s) or crops.ndim not in (3, 4):
+    if (self.spec.backbone != "sam3d" or self.spec.sam.in_chans != 1 or crops.shape[-3:] != (s, s, s)
+        or crops.ndim not in (3, 4)):
       raise UserError(f"crop: shape {crops.shape}, expected ({s}, {s}, {s}) or (B, {s}, {s}, {s}) "
-                      "for a SAM-Med3D model")
+                      "for a PET-only SAM-Med3D model")
     one = crops.ndim == 3
     out = _encode(self.model, self.variables, crops[None] if one else crops)
     return out[0] if one else out

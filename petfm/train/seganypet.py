@@ -64,7 +64,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   config_lib.check(config.clicks.rounds > 0, "clicks.rounds", f"must be > 0, got {config.clicks.rounds}")
   config_lib.check(tuple(config.data.crop_size) == (config.model.img_size,) * 3, "data.crop_size",
                    f"{tuple(config.data.crop_size)} must be model.img_size³ = {(config.model.img_size,) * 3}")
-  wanted = ("pet",) if config.backbone == "sam3d" else ("pet", "ct")
+  wanted = ("pet", "ct")[:config.model.in_chans] if config.backbone == "sam3d" else ("pet", "ct")
   config_lib.check(tuple(config.data.channels) == wanted, "data.channels",
                    f"backbone {config.backbone} reads {wanted}, got {tuple(config.data.channels)}")
   config_lib.check(config.pet_norm != "znorm" or config.data.suv_scale == "linear", "pet_norm",
