@@ -171,7 +171,8 @@ def build_corpus(root: str) -> list[dict]:
   finetuned = os.path.join(root, "finetuned")
   os.makedirs(finetuned)
   json.dump({"task": "lesions", "spacing": [3.0, 3.0, 4.0], "model": {"patch_size": [4, 4, 4]},
-             "data": {"plane_size": [8, 8]}}, open(os.path.join(finetuned, "config.json"), "w"))
+             "data": {"plane_size": [8, 8]}, "sharding_rules": []},
+            open(os.path.join(finetuned, "config.json"), "w"))
   promptable = os.path.join(root, "promptable")
   os.makedirs(promptable)
   json.dump({"backbone": "sam3d"}, open(os.path.join(promptable, "model.json"), "w"))
