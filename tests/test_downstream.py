@@ -20,7 +20,7 @@ from data_prep.configs import convert as convert_configs
 from petfm import config as config_lib
 from petfm.data import geometry, pipelines
 from petfm.downstream import data as ddata
-from petfm.downstream import lesions
+from petfm.downstream import finetuned, lesions
 from petfm.downstream import predict as predict_lib
 from petfm.errors import UserError
 from petfm.models import fratmae, heads
@@ -203,6 +203,24 @@ def test_components_are_drawn_uniformly_whatever_their_size():
   assert 0.25 < share < 0.42, share                         # ≈ 1/3, not 1/219
 
 
+def test_threshold_with_the_best_held_out_dice_is_chosen(monkeypatch):
+  # Hand-computed: lesion voxels at p = 0.32 (5) and 0.62 (5), 10 background voxels at 0.2. Dice: 2/3 for
+  # t <= 0.2 (all 20 voxels), 1 for 0.25 and 0.3, 2/3 up to 0.6, then 0 (empty). Tie → the one nearest 0.5.
+  label = np.r_[np.ones(10), np.zeros(10)].astype(np.uint8)
+  lesion = {"label": label, "prob": np.r_[[0.32] * 5, [0.62] * 5, [0.2] * 10].astype(np.float32)}
+  clean = {"label": np.zeros(20, np.uint8), "prob": np.full(20, 0.9, np.float32)}  # no lesion: left out
+  monkeypatch.setattr(ddata, "view_study", lambda record, data: record)
+  monkeypatch.setattr(lesions, "predict_volume", lambda config, predictor, study: study["prob"])
+  config = finetune_config("tiny")
+  chosen = lesions.choose_threshold(config, None, [lesion, clean])
+  assert (chosen["value"], chosen["n"], chosen["split"]) == (0.3, 1, "val")
+  assert [chosen["dice"][t] for t in ("0.2", "0.25", "0.6", "0.65")] == [pytest.approx(2 / 3, abs=1e-4), 1.0,
+                                                                          pytest.approx(2 / 3, abs=1e-4), 0.0]
+  assert lesions.choose_threshold(config, None, [clean]) == {"value": 0.5, "split": "val", "n": 0, "dice": {}}
+  with pytest.raises(UserError, match="eval.threshold_from: must differ from eval.split"):
+    finetune.validate(finetune_config("tiny", **{"eval.threshold_from": "test"}))
+
+
 def test_labelled_subsets_are_seeded_nested_and_never_empty():
   patients = [f"p{i:02d}" for i in range(20)]
   ten, quarter, full = (ddata.labelled_subset(patients, f, seed=3) for f in (0.1, 0.25, 1.0))
@@ -306,7 +324,9 @@ def test_canonical_mask_lands_on_the_input_voxels_of_an_lps_anisotropic_study(tm
 @pytest.fixture(scope="module")
 def lesion_run(cohort, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("lesions"))
-  config = finetune_config("tiny,task=lesions,protocol=scratch", data_dir=cohort["records"])
+  # The cohort has no val split: the threshold is chosen on the training studies (not the scored ones).
+  config = finetune_config("tiny,task=lesions,protocol=scratch", data_dir=cohort["records"],
+                           **{"eval.threshold_from": "train"})
   results = finetune.train(config, workdir)
   return {"config": config, "workdir": workdir, "results": results}
 
@@ -325,6 +345,11 @@ def test_tiny_finetune_improves_dice_over_the_untrained_head(cohort, lesion_run)
   assert trained["dice"] > best, (trained["dice"], {k: v["dice"] for k, v in trained["baselines"].items()})
   saved = json.load(open(os.path.join(lesion_run["workdir"], "results.json")))
   assert saved["dice"] == pytest.approx(trained["dice"])
+  # The threshold with the best Dice on the held-out studies is used and kept in config.json, where
+  # predict-lesions and staging's lesions_from read it.
+  chosen = trained["threshold"]
+  assert chosen["n"] >= 1 and chosen["dice"][str(chosen["value"])] == max(chosen["dice"].values())
+  assert finetuned.read_config(lesion_run["workdir"]).eval.threshold == chosen["value"]
 
 
 def test_rerun_of_a_finished_run_resumes_and_reevaluates(lesion_run):

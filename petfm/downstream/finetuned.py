@@ -11,7 +11,9 @@ A task module (`petfm.downstream.lesions`, `petfm.downstream.staging`) provides,
   probabilities(out) -> array         what `Predictor` returns
   labelled(studies, data_dir)         the training studies the task can use
   sample(config, studies, centres, rng, pad) -> batch     one training batch
-  evaluate(config, predictor, records) -> results         metrics on whole studies
+  evaluate(config, predictor, records) -> results         metrics on whole studies; results["calibrated"]
+                                      (optional): {dotted config field: value} chosen on held-out data,
+                                      written into the workdir's config.json (lesions: eval.threshold)
   summary(results) -> str             the lines `petfm finetune` prints
 """
 

@@ -8,7 +8,7 @@ evaluated on whole volumes by sliding windows with the autoPET metrics, next to 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -109,6 +109,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   config_lib.check_choice(config, "head.kind", heads.SEG_HEADS)
   config_lib.check_choice(config, "head.norm", heads.NORMS)
   config_lib.check(0 <= config.eval.overlap < 1, "eval.overlap", "must be in [0, 1)")
+  config_lib.check(config.eval.threshold_from != config.eval.split, "eval.threshold_from",
+                   f"must differ from eval.split {config.eval.split!r} (a threshold chosen on the studies it is "
+                   "scored on overstates Dice); '' keeps eval.threshold")
 
 
 def make_model(config: ml_collections.ConfigDict) -> nn.Module:
@@ -164,20 +167,53 @@ def predict_volume(config: ml_collections.ConfigDict, predictor: finetuned.Predi
   return np.ascontiguousarray(pipelines.from_view(prob, config.data.view))
 
 
+THRESHOLDS = tuple(round(0.05 * k, 2) for k in range(1, 20))   # the candidates of `choose_threshold`
+
+
+def choose_threshold(config: ml_collections.ConfigDict, predictor: finetuned.Predictor,
+                     records: Iterable[dict[str, Any]]) -> dict[str, Any]:
+  """The probability threshold among `THRESHOLDS` with the best mean Dice over `records` (held-out studies with
+  `ddata.STUDY_FIELDS`; studies without lesions left out, as in autoPET's Dice; ties: the one nearest 0.5).
+
+  Returns {"value", "split" (`eval.threshold_from`), "n" (studies), "dice" (mean Dice per candidate)}; with no
+  lesion in `records` the value is `eval.threshold` and "dice" is empty.
+  """
+  dice = []
+  for record in records:
+    if record["label"].any():
+      prob = predict_volume(config, predictor, ddata.view_study(record, config.data))
+      dice.append([metrics_lib.dice(prob >= t, record["label"]) for t in THRESHOLDS])
+  chosen = {"value": config.eval.threshold, "split": config.eval.threshold_from, "n": len(dice), "dice": {}}
+  if dice:
+    mean = np.mean(dice, axis=0)
+    best = max(range(len(THRESHOLDS)), key=lambda i: (round(mean[i], 6), -abs(THRESHOLDS[i] - 0.5)))
+    chosen.update(value=THRESHOLDS[best], dice=dict(zip(map(str, THRESHOLDS), mean.round(4).tolist())))
+  return chosen
+
+
 def evaluate(config: ml_collections.ConfigDict, predictor: finetuned.Predictor,
              records: Sequence[dict[str, Any]]) -> dict[str, Any]:
   """Per-study Dice, FPV, FNV, HD95, NSD on the stored grid (and their means), `baselines` (the classical rules
   on the same studies) and, when the manifest names the organ labels, `staging_by_rule` (Ann Arbor stage by
   `petfm.eval.staging` from the true and from the predicted lesion map). `records`: decoded with
-  `ddata.STUDY_FIELDS` and `organs`."""
+  `ddata.STUDY_FIELDS` and `organs`.
+
+  With `eval.threshold_from` (a split, e.g. "val") the threshold is first chosen there (`choose_threshold`,
+  in `threshold`) and returned as `calibrated` {"eval.threshold": value}; else `eval.threshold` is used.
+  """
+  threshold, results = config.eval.threshold, {"task": "lesions", "split": config.eval.split}
+  if config.eval.threshold_from:
+    held_out = ddata.read_records(config.data_dir, config.eval.threshold_from, ddata.STUDY_FIELDS)
+    results["threshold"] = choose_threshold(config, predictor, held_out)
+    threshold = results["threshold"]["value"]
+    results["calibrated"] = {"eval.threshold": threshold}
   rows, predicted = [], {}
   for record in records:
     study = ddata.view_study(record, config.data)
-    pred = predict_volume(config, predictor, study) >= config.eval.threshold
+    pred = predict_volume(config, predictor, study) >= threshold
     rows.append({"study_id": study.study_id, **study_metrics(pred, record["label"], study.spacing)})
     predicted[study.study_id] = pred
-  results = {"task": "lesions", "split": config.eval.split, **summarize(rows), "studies": rows,
-             "baselines": baselines.evaluate(records)}
+  results.update(**summarize(rows), studies=rows, baselines=baselines.evaluate(records))
   organ_labels = records_lib.read_manifest(config.data_dir).get("organ_labels", {})
   staged = [r for r in records if r["stage"] in (1, 2, 3, 4)]
   if staging_rule.station_table(organ_labels) and staged:
@@ -193,8 +229,14 @@ def summary(results: dict[str, Any]) -> str:
   def figures(r: dict[str, Any]) -> str:
     return f"Dice {r['dice']:.3f}, FPV {r['fpv_ml']:.1f} mL, FNV {r['fnv_ml']:.1f} mL"
 
+  chosen = results.get("threshold")
   lines = [f"lesion segmentation on the {results['split']} split ({len(results['studies'])} studies), "
-           "whole volumes, autoPET metrics:", f"  {'learned model':18s} {figures(results)}"]
+           "whole volumes, autoPET metrics:", f"  {'learned model':18s} {figures(results)}"
+           + (f" (threshold {chosen['value']:.2f}: best Dice on the {chosen['n']} {chosen['split']} studies)"
+              if chosen and chosen["n"] else "")]
+  if chosen and not chosen["n"]:
+    lines.append(f"  note: no {chosen['split']} study has a lesion (eval.threshold_from): kept threshold "
+                 f"{chosen['value']:.2f}")
   lines += [f"  {name:18s} {figures(row)}" for name, row in results.get("baselines", {}).items()]
   rule = results.get("staging_by_rule")
   if rule:
