@@ -73,6 +73,15 @@ def test_segmentation_heads_shapes_and_gradient_flow(method, head):
       len(jax.tree.leaves(grads[False]["head"])) - 1
 
 
+def test_upconv_is_the_transposed_conv_with_the_same_params():
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 3, 5, 6)), jnp.float32)
+  params = heads.UpConv(4).init(jax.random.key(0), x)
+  params = jax.tree.map(lambda p: p + jax.random.normal(jax.random.key(1), p.shape), nn.unbox(params))
+  reference = nn.ConvTranspose(4, (2, 2), strides=(2, 2), padding="VALID").apply(params, x)
+  assert reference.shape == (2, 6, 10, 4)
+  np.testing.assert_allclose(heads.UpConv(4).apply(params, x), reference, rtol=1e-5, atol=1e-5)
+
+
 def test_unetr_taps_evenly_spaced_layers_and_rejects_bad_patch():
   assert heads.tap_layers(12, 4) == (3, 6, 9, 12)
   assert heads.tap_layers(4, 3) == (1, 3, 4)
