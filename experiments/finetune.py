@@ -50,7 +50,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                   batch_size=sizes["batch_size"] if args.task == "lesions" else sizes["staging_batch"],
                   lr=sizes["lr"], warmup_steps=sizes["warmup_steps"])
   c.optim.update(min_lr_ratio=0.01, layer_decay=0.75)   # layer_decay: protocol=finetune only
-  c.checkpoint.update(every_steps=50, keep=2, async_save=False)
+  c.checkpoint.update(every_steps=200, keep=2, async_save=False)
   c.variant = args.variant
   c.task = args.task                                   # lesions | staging
   c.protocol = args.protocol                           # linear | finetune | scratch

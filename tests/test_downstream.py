@@ -195,6 +195,30 @@ def test_sliding_window_of_a_pointwise_model_equals_the_whole_volume():
   assert averaged.shape == pet.shape and np.all(np.isfinite(averaged))
 
 
+def test_sliding_windows_visit_only_the_body_box():
+  config = finetune_config("tiny")                                   # window (16, 8, 2), coronal view
+  air, tissue = pipelines.normalize(np.float32(-1000.0), np.float32(0.0), config.data)[0], 0.0
+  ct = np.full((30, 20, 12), air, np.float32)                        # view axes (H, W, S)
+  ct[10:20, 5:9, 3:9] = tissue                                       # the body: 10 × 4 × 6 voxels
+  study = ddata.Study("s", "p", np.zeros_like(ct), ct, np.zeros(ct.shape, np.uint8), *([None] * 4), 0)
+  # S keeps the body's extent; H (10 < 16) and W (4 < 8) grow to the window, centred on the body
+  assert lesions.body_box(study, config.data, (16, 8, 2)) == (slice(7, 23), slice(3, 11), slice(3, 9))
+  seen = []
+
+  class Predictor:    # p = 1 on every window voxel it is shown
+    def __call__(self, pet, ct):
+      seen.append(ct.copy())
+      return np.ones_like(pet)
+
+  prob = pipelines.to_view(lesions.predict_volume(config, Predictor(), study), config.data.view)
+  expected = np.zeros(ct.shape, bool)
+  expected[7:23, 3:11, 3:9] = True
+  np.testing.assert_array_equal(prob, expected)
+  assert len(seen) == 1 and seen[0].shape[1:] == (16, 8, 2)          # 5 windows, one batch of 16
+  ct[:] = air                                                        # no body: the whole volume
+  assert lesions.body_box(study, config.data, (16, 8, 2)) == (slice(0, 30), slice(0, 20), slice(0, 12))
+
+
 # ----------------------------------------------------------------------------------------------- data helpers
 
 

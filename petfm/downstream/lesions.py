@@ -151,10 +151,27 @@ def sample(config: ml_collections.ConfigDict, studies: Sequence[ddata.Study],
                             config.foreground_fraction, config.hard_negative_fraction)
 
 
+def body_box(study: ddata.Study, data: ml_collections.ConfigDict, window: Sequence[int]) -> tuple[slice, ...]:
+  """The view-axes box (H, W, S slices) around the voxels with CT > `data.body_hu`, each side grown to at least
+  the window (within the volume); the whole volume when no voxel is in the body. Sliding windows need not
+  visit the air around the patient (nnU-Net likewise crops to the nonzero region)."""
+  body_ct, _ = pipelines.normalize(np.float32(data.body_hu), np.float32(0.0), data)
+  inside = study.ct > body_ct
+  box = []
+  for axis, (n, w) in enumerate(zip(inside.shape, window)):
+    hit = np.flatnonzero(inside.any(axis=tuple(a for a in range(3) if a != axis)))
+    lo, hi = (int(hit[0]), int(hit[-1]) + 1) if hit.size else (0, n)
+    grow = max(0, min(w, n) - (hi - lo))
+    lo = max(0, min(lo - grow // 2, n - max(hi - lo, min(w, n))))
+    box.append(slice(lo, max(hi, lo + min(w, n))))
+  return tuple(box)
+
+
 def predict_volume(config: ml_collections.ConfigDict, predictor: finetuned.Predictor,
                    study: ddata.Study) -> np.ndarray:
-  """Lesion probability (X, Y, Z) of a whole study on its stored canonical grid (sliding window in the view;
-  batches filled to `eval.batch_size`, so one compiled shape serves every window)."""
+  """Lesion probability (X, Y, Z) of a whole study on its stored canonical grid: sliding windows in the view
+  over the body's box (`body_box`; 0 outside it); batches filled to `eval.batch_size`, so one compiled shape
+  serves every window."""
   size = config.eval.batch_size
 
   def predict(pet, ct):
@@ -162,8 +179,10 @@ def predict_volume(config: ml_collections.ConfigDict, predictor: finetuned.Predi
     fill = lambda x: np.concatenate([x, np.repeat(x[-1:], size - n, axis=0)]) if n < size else x
     return predictor(fill(pet), fill(ct))[:n]
 
-  prob = sliding_window_probabilities(predict, study.pet, study.ct, finetuned.window(config),
-                                      config.eval.overlap, size, ddata.pad_values(config.data))
+  box = body_box(study, config.data, finetuned.window(config))
+  prob = np.zeros(study.pet.shape, np.float32)
+  prob[box] = sliding_window_probabilities(predict, study.pet[box], study.ct[box], finetuned.window(config),
+                                           config.eval.overlap, size, ddata.pad_values(config.data))
   return np.ascontiguousarray(pipelines.from_view(prob, config.data.view))
 
 
