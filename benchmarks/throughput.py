@@ -1,10 +1,12 @@
-r"""Pretraining throughput: examples/s, tokens/s, FLOPs per step, TFLOP/s and MFU of the jitted train step.
+r"""Training throughput: examples/s, tokens/s, FLOPs per step, TFLOP/s and MFU of the jitted train step.
 
   python benchmarks/throughput.py --config experiments/fratmae.py:S --config.batch_size=8 --json out.json
   python benchmarks/throughput.py --config experiments/fratmae.py:tiny,method=mae --torch_reference
+  python benchmarks/throughput.py --config experiments/finetune.py:tiny,task=lesions --steps 20   # downstream
 
-The step is the trainer's own (`petfm.train.pretrain.build`) on a mesh over all devices (config.mesh), fed
-random batches of the configured slab shape, so no data set is needed. Compilation is excluded; the figures
+The step is the trainer's own (`petfm.train.pretrain.build`, or `petfm.train.finetune.build` for a fine-tune
+config: random init, the task's batch shapes) on a mesh over all devices (config.mesh), fed random batches of
+the configured slab shape, so no data set is needed. Compilation is excluded; the figures
 are the median over `--steps` timed steps after `--warmup` untimed ones. FLOPs per step come from XLA's cost
 analysis of the lowered (whole-program) step. MFU = achieved FLOP/s / (peak per device × devices): bf16 dense
 peak from a table for TPU/GPU, a measured float32 matmul on CPU (see `petfm.train.common.device_peak_flops`).
@@ -30,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from petfm import config as config_lib  # noqa: E402
 from petfm.errors import UserError  # noqa: E402
 from petfm.models import fratmae  # noqa: E402
-from petfm.train import common, pretrain  # noqa: E402
+from petfm.train import common, finetune, pretrain  # noqa: E402
 
 
 def random_batch(config, batch_size: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -64,6 +66,48 @@ def time_calls(fn, steps: int, warmup: int) -> list[float]:
   return times
 
 
+def time_step(setup, state, batch, steps: int, warmup: int) -> tuple[float, float, float]:
+  """(compile seconds, median seconds per step, FLOPs per step) of a trainer's jitted step; call it under the
+  trainer's mesh and axis rules."""
+  flops = lowered_flops(setup.step, state, batch)
+  t0 = time.perf_counter()
+  compiled = setup.step.lower(state, batch).compile()
+  compile_s = time.perf_counter() - t0
+  if not flops:
+    flops = common.compiled_flops_per_device(compiled) * setup.mesh.size
+  holder = {"state": state}
+
+  def one_step():
+    holder["state"], metrics = compiled(holder["state"], batch)
+    jax.block_until_ready(metrics)
+
+  return compile_s, float(np.median(time_calls(one_step, steps, warmup))), flops
+
+
+def benchmark_finetune(config, steps: int, warmup: int) -> dict[str, float | str]:
+  """The downstream trainer's step (`petfm.train.finetune.build`, random init) on random batches of the task's
+  shapes (`experiments/finetune.py` configs)."""
+  finetune.validate(config)
+  mesh = common.create_mesh(config.mesh)
+  common.check_batch_divisible(config.batch_size, mesh, config.optim.accum_steps)
+  rng = np.random.default_rng(0)
+  batch_np = {k: np.repeat(rng.standard_normal(v.shape, np.float32).astype(v.dtype) if v.dtype.kind == "f"
+                           else rng.integers(0, 2, v.shape).astype(v.dtype), config.batch_size, axis=0)
+              for k, v in finetune.TASKS[config.task].example(config).items()}
+  setup = finetune.build(config, mesh)
+  import flax.linen as nn
+  with jax.set_mesh(mesh), nn.logical_axis_rules(setup.rules):
+    state = setup.init(jax.random.key(0), None)
+    compile_s, seconds, flops = time_step(setup, state, common.global_batch(batch_np, mesh), steps, warmup)
+  peak, peak_source = common.device_peak_flops()
+  return {"task": config.task, "variant": config.variant, "head": f"{config.head.kind}, {config.head.features} "
+          "features", "batch_size": config.batch_size, "input": "x".join(map(str, batch_np["pet"].shape[1:])),
+          "devices": mesh.size, "device_kind": jax.devices()[0].device_kind, "compile_s": compile_s,
+          "step_s": seconds, "examples_per_s": config.batch_size / seconds, "gflop_per_step": flops / 1e9,
+          "tflop_per_s": flops / seconds / 1e12, "peak_source": peak_source,
+          "mfu": flops / seconds / (peak * mesh.size)}
+
+
 def benchmark_jax(config, steps: int, warmup: int) -> dict[str, float | str]:
   pretrain.validate(config)
   mesh = common.create_mesh(config.mesh)
@@ -73,20 +117,7 @@ def benchmark_jax(config, steps: int, warmup: int) -> dict[str, float | str]:
   import flax.linen as nn
   with jax.set_mesh(mesh), nn.logical_axis_rules(setup.rules):
     state = setup.init(jax.random.key(0))
-    batch = common.global_batch(batch_np, mesh)
-    flops = lowered_flops(setup.step, state, batch)
-    t0 = time.perf_counter()
-    compiled = setup.step.lower(state, batch).compile()
-    compile_s = time.perf_counter() - t0
-    if not flops:
-      flops = common.compiled_flops_per_device(compiled) * mesh.size
-    holder = {"state": state}
-
-    def one_step():
-      holder["state"], metrics = compiled(holder["state"], batch)
-      jax.block_until_ready(metrics)
-
-    seconds = float(np.median(time_calls(one_step, steps, warmup)))
+    compile_s, seconds, flops = time_step(setup, state, common.global_batch(batch_np, mesh), steps, warmup)
   peak, peak_source = common.device_peak_flops()
   h, w = config.data.plane_size
   p = tuple(config.model.patch_size)
@@ -179,8 +210,11 @@ def main(argv: list[str]) -> int:
   config = parsed.config
   if parsed.steps < 1:
     raise UserError("--steps: must be >= 1")
-  result = benchmark_jax(config, parsed.steps, parsed.warmup)
-  if parsed.torch_reference:
+  if "task" in config:   # experiments/finetune.py
+    result = benchmark_finetune(config, parsed.steps, parsed.warmup)
+  else:
+    result = benchmark_jax(config, parsed.steps, parsed.warmup)
+  if parsed.torch_reference and "task" not in config:
     if config.model.method != "mae":
       print("note: the PyTorch reference is an MAE-style step; compare it with method=mae", file=sys.stderr)
     ref = benchmark_torch(config, parsed.steps, parsed.warmup)
