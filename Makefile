@@ -5,8 +5,8 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 DEMO   ?= demo_out
-# Lesion fine-tune steps of the demo: 800 keeps it near 10 min on 2 cores; 1600 gives a better model (README).
-FINETUNE_STEPS ?= 800
+# Lesion fine-tune steps of the demo (README: 1400 keeps the demo under 10 min on 2 idle cores).
+FINETUNE_STEPS ?= 1400
 export PYTHONUNBUFFERED := 1
 
 .PHONY: demo test venv clean
