@@ -161,9 +161,9 @@ def body_box(study: ddata.Study, data: ml_collections.ConfigDict, window: Sequen
   for axis, (n, w) in enumerate(zip(inside.shape, window)):
     hit = np.flatnonzero(inside.any(axis=tuple(a for a in range(3) if a != axis)))
     lo, hi = (int(hit[0]), int(hit[-1]) + 1) if hit.size else (0, n)
-    grow = max(0, min(w, n) - (hi - lo))
-    lo = max(0, min(lo - grow // 2, n - max(hi - lo, min(w, n))))
-    box.append(slice(lo, max(hi, lo + min(w, n))))
+    size = max(hi - lo, min(w, n))                            # at least a window, at most the volume
+    start = int(np.clip((lo + hi - size) // 2, 0, n - size))  # centred on the body, within the volume
+    box.append(slice(start, start + size))
   return tuple(box)
 
 
