@@ -30,7 +30,7 @@ from petfm.models import fratmae
 
 VARIANT = {
     "tiny": dict(plane_size=(64, 64), depth=4, batch_size=8, total_steps=1400, warmup_steps=20, lr=3e-3,
-                 features=16, max_slabs=8, staging_batch=4, staging_steps=300),
+                 features=16, max_slabs=8, staging_batch=4, staging_steps=900),
     "S": dict(plane_size=(224, 224), depth=8, batch_size=32, total_steps=5_000, warmup_steps=250, lr=5e-4,
               features=32, max_slabs=32, staging_batch=8, staging_steps=5_000),
     "B": dict(plane_size=(224, 224), depth=8, batch_size=32, total_steps=10_000, warmup_steps=500, lr=5e-4,
