@@ -3,8 +3,9 @@
 The study folder is in the autoPET layout (`CTres.nii.gz` + `SUV.nii.gz`; a `SEG.nii.gz` is ignored). It is
 loaded, checked and resampled exactly as `petfm prepare` does (canonical RAS+ orientation, the spacing the
 model was fine-tuned at), segmented by sliding the model's slab over the body's box with overlap averaging
-(`lesions.predict_volume`), thresholded, and mapped back onto the grid of SUV.nii.gz (inverse reorientation and resampling,
-nearest neighbour), so the mask has the shape and affine of the input PET and overlays it in 3D Slicer.
+(`lesions.predict_volume`), thresholded, and mapped back onto the grid of SUV.nii.gz (inverse reorientation
+and resampling, nearest neighbour), so the mask has the shape and affine of the input PET and overlays it in
+3D Slicer.
 """
 
 from __future__ import annotations
