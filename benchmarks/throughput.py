@@ -210,11 +210,11 @@ def main(argv: list[str]) -> int:
   config = parsed.config
   if parsed.steps < 1:
     raise UserError("--steps: must be >= 1")
-  if "task" in config:   # experiments/finetune.py
-    result = benchmark_finetune(config, parsed.steps, parsed.warmup)
-  else:
-    result = benchmark_jax(config, parsed.steps, parsed.warmup)
-  if parsed.torch_reference and "task" not in config:
+  finetuning = "task" in config   # experiments/finetune.py
+  result = (benchmark_finetune if finetuning else benchmark_jax)(config, parsed.steps, parsed.warmup)
+  if parsed.torch_reference and finetuning:
+    print("note: the PyTorch reference is a pretraining step; not run for a fine-tune config", file=sys.stderr)
+  elif parsed.torch_reference:
     if config.model.method != "mae":
       print("note: the PyTorch reference is an MAE-style step; compare it with method=mae", file=sys.stderr)
     ref = benchmark_torch(config, parsed.steps, parsed.warmup)

@@ -104,7 +104,8 @@ def default_slab_config() -> ml_collections.ConfigDict:
   c.fit = "crop"             # "crop": random (train) / centre (eval) crop, padded where the plane is smaller;
                              # "resize": whole plane scaled to fit (H, W), aspect ratio kept, rest padded
   c.with_label = False       # also return the lesion label slab (downstream segmentation)
-  c.body_hu = -500.0         # random slabs lie within the slices holding CT > body_hu (-2000: anywhere)
+  c.body_hu = -500.0         # random slabs lie within the slices holding CT > body_hu (-2000: anywhere); lesion
+                             # evaluation slides its windows over the box of those voxels
   return _common_config(c)
 
 

@@ -179,10 +179,11 @@ def predict_volume(config: ml_collections.ConfigDict, predictor: finetuned.Predi
     fill = lambda x: np.concatenate([x, np.repeat(x[-1:], size - n, axis=0)]) if n < size else x
     return predictor(fill(pet), fill(ct))[:n]
 
-  box = body_box(study, config.data, finetuned.window(config))
+  window = finetuned.window(config)
+  box = body_box(study, config.data, window)
   prob = np.zeros(study.pet.shape, np.float32)
-  prob[box] = sliding_window_probabilities(predict, study.pet[box], study.ct[box], finetuned.window(config),
-                                           config.eval.overlap, size, ddata.pad_values(config.data))
+  prob[box] = sliding_window_probabilities(predict, study.pet[box], study.ct[box], window, config.eval.overlap,
+                                           size, ddata.pad_values(config.data))
   return np.ascontiguousarray(pipelines.from_view(prob, config.data.view))
 
 
