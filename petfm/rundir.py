@@ -3,7 +3,9 @@
   config.json    the run's config (`write_config`; `read_config` names the flag and the kind of run expected)
   model.json     `petfm train-seganypet` only: the promptable model's spec
   checkpoints/   Orbax `{state, data_iter}` written by `Checkpointer`; the latest step is the one restored
-  metrics.jsonl, TensorBoard events, results.json, figures
+  results.json   the evaluation of a finished run (`write_results`, `read_results`); a fine-tune's `calibrated`
+                 {dotted config field: value} (settings chosen on held-out data) complete its config.json
+  metrics.jsonl, TensorBoard events, figures
 
 Every restore goes through `Checkpointer.restore`: the trainers resume with `common.restore_or_init` onto
 their own mesh; a finished run is read back with `restore_latest`, onto a trainer's shardings (`restore_params`,
@@ -26,6 +28,7 @@ from petfm.data import checks, records
 from petfm.errors import UserError
 
 CONFIG = "config.json"
+RESULTS = "results.json"
 CHECKPOINTS = "checkpoints"
 # The encoder params of a pretraining run: one shared encoder, or one per modality (FratMAE).
 ENCODERS = ("encoder", "pet_encoder", "ct_encoder")
@@ -94,6 +97,17 @@ def read_config(workdir: str, flag: str, command: str, fields: tuple[str, ...] =
   if not paths.isfile(path):
     raise UserError(f"{flag} {workdir}: no {CONFIG}; is it a `petfm {command}` workdir?")
   return checks.read_json(path, flag, fields)
+
+
+def write_results(workdir: str, text: str) -> None:
+  """Writes the run's `results.json` (atomically, replacing the previous evaluation's in one step)."""
+  records.write_atomic(paths.join(workdir, RESULTS), text)
+
+
+def read_results(workdir: str, flag: str) -> dict[str, Any]:
+  """The `results.json` of `workdir` given as `flag`; {} before the run's first evaluation finished."""
+  path = paths.join(workdir, RESULTS)
+  return checks.read_json(path, flag) if paths.isfile(path) else {}
 
 
 def eval_mesh() -> Mesh:

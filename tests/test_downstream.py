@@ -378,7 +378,7 @@ def test_tiny_finetune_improves_dice_over_the_untrained_head(cohort, lesion_run)
   assert trained["dice"] > best, (trained["dice"], {k: v["dice"] for k, v in trained["baselines"].items()})
   saved = json.load(open(os.path.join(lesion_run["workdir"], "results.json")))
   assert saved["dice"] == pytest.approx(trained["dice"])
-  # The threshold with the best Dice on the held-out studies is used and kept in config.json, where
+  # The threshold with the best Dice on the held-out studies is used and kept with the run, where
   # predict-lesions and staging's lesions_from read it.
   chosen = trained["threshold"]
   assert chosen["n"] >= 1 and chosen["dice"][str(chosen["value"])] == max(chosen["dice"].values())
@@ -388,6 +388,19 @@ def test_tiny_finetune_improves_dice_over_the_untrained_head(cohort, lesion_run)
 def test_rerun_of_a_finished_run_resumes_and_reevaluates(lesion_run):
   again = finetune.train(lesion_run["config"], lesion_run["workdir"])
   assert again["dice"] == pytest.approx(lesion_run["results"]["dice"], abs=1e-9)
+
+
+def test_a_killed_rerun_keeps_the_chosen_threshold(lesion_run, monkeypatch):
+  chosen = lesion_run["results"]["threshold"]["value"]
+  config = lesion_run["config"].copy_and_resolve_references()
+  config.eval.threshold = 0.05 if chosen != 0.05 else 0.95  # what this re-run's command line says
+
+  def killed(*args, **kwargs):
+    raise KeyboardInterrupt
+  monkeypatch.setattr(finetune, "evaluate", killed)
+  with pytest.raises(KeyboardInterrupt):
+    finetune.train(config, lesion_run["workdir"])
+  assert finetuned.read_config(lesion_run["workdir"]).eval.threshold == chosen
 
 
 def test_predict_lesions_cli_writes_a_mask_in_the_input_geometry(cohort, lesion_run, tmp_path):

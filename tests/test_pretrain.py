@@ -161,5 +161,7 @@ def test_cli_runs_and_resumes(records_dir, tmp_path):
   args[args.index("--config.total_steps=2")] = "--config.total_steps=4"
   second = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
   assert second.returncode == 0 and "resuming from the checkpoint at step 2" in second.stdout + second.stderr
+  finished = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
+  assert finished.returncode == 0 and "already trained for 4 steps; nothing to do" in finished.stdout
   bad = subprocess.run(args + ["--config.mask_mode=sometimes"], capture_output=True, text=True, env=env)
   assert bad.returncode == 2 and "mask_mode" in bad.stderr and "Traceback" not in bad.stderr

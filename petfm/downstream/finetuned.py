@@ -13,12 +13,13 @@ A task module (`petfm.downstream.lesions`, `petfm.downstream.staging`) provides,
   sample(config, studies, centres, rng, pad) -> batch     one training batch
   evaluate(config, predictor, records) -> results         metrics on whole studies; results["calibrated"]
                                       (optional): {dotted config field: value} chosen on held-out data,
-                                      written into the workdir's config.json (lesions: eval.threshold)
+                                      kept in results.json; `read_config` applies them (lesions: eval.threshold)
   summary(results) -> str             the lines `petfm finetune` prints
 """
 
 from __future__ import annotations
 
+import functools
 import types
 from collections.abc import Callable
 from typing import Any
@@ -58,9 +59,18 @@ class Predictor:
 
 
 def read_config(workdir: str, flag: str = "--checkpoint") -> ml_collections.ConfigDict:
-  """The config of a `petfm finetune` workdir, ready to rebuild its model (`spacing`: the stored grid's)."""
+  """The config of a `petfm finetune` workdir, ready to rebuild its model (`spacing`: the stored grid's), with
+  the fields its last evaluation chose on held-out data (results.json `calibrated`, e.g. `eval.threshold`)."""
   saved = rundir.read_config(workdir, flag, "finetune", ("task", "spacing", "model.patch_size",
                                                           "data.plane_size", "sharding_rules"))
+  calibrated = rundir.read_results(workdir, flag).get("calibrated", {})
+  try:
+    for dotted, value in calibrated.items():
+      *parents, name = dotted.split(".")
+      functools.reduce(dict.__getitem__, parents, saved)[name] = value
+  except (KeyError, AttributeError, TypeError) as e:
+    raise UserError(f"{flag} {workdir}: {rundir.RESULTS}: 'calibrated' names no field of config.json "
+                    f"({type(e).__name__}: {checks.one_line(e)})") from None
   config = ml_collections.ConfigDict(saved)
   for node, key in ((config.model, "patch_size"), (config.data, "plane_size")):
     node[key] = tuple(node[key])

@@ -21,7 +21,6 @@ The workdir gets `config.json`, `checkpoints/`, `metrics.jsonl`, TensorBoard eve
 from __future__ import annotations
 
 import dataclasses
-import functools
 import itertools
 import json
 from collections.abc import Callable
@@ -272,12 +271,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   # ------------------------------------------------------------------ evaluation
   results = evaluate(config, setup.predictor(state["params"], TASKS[config.task]))
   if jax.process_index() == 0:
-    if results.get("calibrated"):  # fields chosen on held-out data: config.json describes the finished model
-      for dotted, value in results["calibrated"].items():
-        *parents, name = dotted.split(".")
-        functools.reduce(dict.__getitem__, parents, saved)[name] = value
-      rundir.write_config(workdir, json.dumps(saved, indent=2, default=list))
-    records.write_atomic(paths.join(workdir, "results.json"), json.dumps(results, indent=1, default=float))
+    # Its `calibrated` fields (chosen on held-out data) complete config.json for `finetuned.load`; a re-run
+    # keeps the previous ones until its own evaluation replaces this file.
+    rundir.write_results(workdir, json.dumps(results, indent=1, default=float))
   return results
 
 

@@ -232,5 +232,8 @@ def main(argv: list[str]) -> int:
       argv, "pretrain", workdir="output folder: checkpoints, TensorBoard events, images")
   with checks.discarded_on_error(parsed.workdir):
     metrics = train(parsed.config, parsed.workdir)
-  print(json.dumps({k: round(v, 6) for k, v in metrics.items()}))
+  if metrics:
+    print(json.dumps({k: round(v, 6) for k, v in metrics.items()}))
+  else:  # resumed from a checkpoint at total_steps
+    print(f"{parsed.workdir}: already trained for {parsed.config.total_steps} steps; nothing to do")
   return 0
